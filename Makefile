@@ -1,0 +1,43 @@
+# user-dist: the two commands a new user needs.
+#   make demo   builds the synthetic shards, trains 2 processes, evaluates
+#   make test   runs the whole test suite
+# Both create .venv on first use and reuse it afterwards.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# DeepSpeed JIT-compiles a CPU op on first use: keep its cache in this venv so
+# that venvs never overwrite each other's builds and a rebuild is not needed.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export PYTHONPATH := $(abspath .)
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo shards clean-demo docs
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest tests -m "not cluster and not slow" $(PYTEST_ARGS)
+
+DEMO_DATA := data/synthetic
+shards: $(STAMP)
+	$(VPY) -m data_shards synthetic --out $(DEMO_DATA) --skip-existing
+
+demo: shards
+	bash launch/demo.sh
+
+clean-demo:
+	rm -rf $(DEMO_DATA) runs/demo
+
+docs: $(STAMP)
+	$(VPY) docs/gen_configuration.py

@@ -1,0 +1,15 @@
+"""Regenerate the schema table inside docs/configuration.md (make docs)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from user_dist.config import schema_markdown  # noqa: E402
+
+PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configuration.md")
+BEGIN, END = "<!-- schema:begin -->\n", "\n<!-- schema:end -->"
+
+text = open(PATH).read()
+head, rest = text.split(BEGIN, 1)
+tail = rest.split(END, 1)[1]
+with open(PATH, "w") as f:
+    f.write(head + BEGIN + schema_markdown() + END + tail)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Train USER with DeepSpeed data parallelism.
+
+    deepspeed --num_gpus 8 launch/train.py --config configs/coco_region.yaml train.epochs=25
+    torchrun --nproc_per_node 2 launch/train.py --config configs/synthetic.yaml
+    srun python launch/train.py --config ... (see launch/slurm/train.sbatch)
+    python launch/train.py --config configs/synthetic.yaml --print-config
+    python launch/train.py --list-keys
+
+Any ``key=value`` after the options overrides the config (docs/configuration.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from user_dist.config import ConfigError, describe_schema, load_config, to_yaml, validate  # noqa: E402
+from user_dist.distributed import strip_local_rank_arg  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Train USER (momentum contrastive image-text retrieval) with DeepSpeed.",
+        epilog="Overrides: any number of key=value, e.g. train.epochs=3 queue.size_per_rank=1024. "
+               "See --list-keys for every key, its type and default.")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); keys override the schema defaults")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every config key with type and default")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = strip_local_rank_arg(sys.argv[1:] if argv is None else list(argv))
+    args = parse_args(argv)
+    if args.list_keys:
+        for key, typ, default in describe_schema():
+            print(f"{key:38s} {typ:12s} {default!r}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, check_paths=True, sources={"data.train_shards": args.config or "default value",
+                                                 "data.val_shards": args.config or "default value"})
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+
+    from user_dist import distributed as du
+    from user_dist import run_dir as rd
+    from user_dist.monitor import setup_logging
+
+    try:
+        resume_from = rd.resolve_resume(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    env = du.init_distributed(cfg.train.dist_timeout_s)
+    setup_logging(env.rank)
+    import logging
+
+    log = logging.getLogger("user_dist")
+    run_dir = rd.prepare(cfg, du.is_main())
+    if du.is_main():
+        log.info("run folder: %s (TensorBoard: tensorboard --logdir %s)", run_dir, os.path.join(run_dir, "tb"))
+        log.info("world size %d (%s launcher), device %s\n%s", env.world_size, env.launcher,
+                 du.device_for(env.local_rank), to_yaml(cfg))
+
+    from user_dist.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume_from)
+    try:
+        pos = trainer.fit()
+    finally:
+        trainer.close()
+    log.info("done: step %d, epoch %d, %d non-finite micro-batches skipped", pos.step, pos.epoch,
+             pos.skipped_nonfinite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

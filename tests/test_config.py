@@ -1,0 +1,141 @@
+"""The typed config: schema <- YAML <- key=value, and clear errors."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, child_env
+from user_dist.config import Config, ConfigError, load_config, save_config, schema_markdown, valid_keys
+
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_come_from_the_schema():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.loss.mu == 90.0 and cfg.loss.gamma == 0.5 and cfg.queue.momentum == 0.999
+
+
+def test_yaml_overrides_schema_and_command_line_overrides_yaml(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 7\n  batch_size: 64\nqueue:\n  size_per_rank: 256\n")
+    cfg = load_config(path, ["train.epochs=3", "queue.mode=sharded"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.queue.size_per_rank, cfg.queue.mode) == (3, 64, 256, "sharded")
+
+
+def test_unknown_key_names_key_source_and_valid_keys(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and "'train.epoch'" in msg and "train.epochs" in msg and "Valid keys" in msg
+
+
+def test_unknown_override_is_rejected_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'queue.size'.*queue.size_per_rank"):
+        load_config(None, ["queue.size=10"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"command line 'train.epochs=abc'.*wrong type.*'train.epochs'"):
+        load_config(None, ["train.epochs=abc"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=-1", "train.batch_size"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("queue.size_per_rank=8", "queue.size_per_rank"),
+    ("queue.mode=ring", "queue.mode"),
+    ("train.precision=fp8", "train.precision"),
+    ("queue.momentum=1.0", "queue.momentum"),
+    ("train.zero_stage=3", "train.zero_stage"),
+    ("eval.protocols=[coco2k]", "eval.protocols"),
+    ("train.resume=/does/not/exist", "train.resume"),
+])
+def test_impossible_values_fail_naming_key_and_source(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"'{key}'" in str(e.value) and f"command line '{override}'" in str(e.value)
+
+
+def test_choice_errors_list_valid_choices():
+    with pytest.raises(ConfigError, match="valid choices: replicated, sharded"):
+        load_config(None, ["queue.mode=ring"])
+
+
+def test_value_error_from_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: 64\nqueue:\n  size_per_rank: 32\n")
+    with pytest.raises(ConfigError, match=rf"{path}: config key 'queue.size_per_rank' \(32\)"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "queue.mode=sharded", "optim.decay_epochs=[2,3]"])
+    out = str(tmp_path / "resolved.yaml")
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_are_valid(name):
+    load_config(os.path.join(ROOT, "configs", name))
+
+
+def test_reference_docs_match_the_schema():
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        text = f.read()
+    begin, end = "<!-- schema:begin -->\n", "\n<!-- schema:end -->"
+    embedded = text[text.index(begin) + len(begin):text.index(end)]
+    assert embedded == schema_markdown(), "regenerate with: make docs"
+    for key in valid_keys():
+        assert f"`{key}`" in embedded
+
+
+def run_train(args, cwd):
+    return subprocess.run([PYTHON, os.path.join(ROOT, "launch", "train.py"), *args], cwd=cwd,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_train_help_lists_usage(tmp_path):
+    r = run_train(["--help"], tmp_path)
+    assert r.returncode == 0 and "--config" in r.stdout and "key=value" in r.stdout
+
+
+def test_train_list_keys_shows_every_key(tmp_path):
+    r = run_train(["--list-keys"], tmp_path)
+    assert r.returncode == 0
+    for key in valid_keys():
+        assert key in r.stdout
+
+
+def test_config_error_exits_2_and_creates_no_run_folder(tmp_path):
+    r = run_train(["train.batch_size=-4", f"train.run_root={tmp_path}/runs"], tmp_path)
+    assert r.returncode == 2
+    assert "train.batch_size" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_shards_fail_at_start_up_naming_the_path(tmp_path):
+    r = run_train([f"data.train_shards={tmp_path}/nowhere", f"train.run_root={tmp_path}/runs"], tmp_path)
+    assert r.returncode == 2
+    assert f"{tmp_path}/nowhere" in r.stderr and "manifest.json" in r.stderr
+    assert not (tmp_path / "runs").exists()

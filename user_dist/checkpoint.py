@@ -1,0 +1,249 @@
+"""Atomic checkpoints that hold everything needed to continue a run exactly.
+
+Layout of one checkpoint (see docs/architecture.md):
+
+    RUN/checkpoints/step_00001000/
+        COMPLETE              JSON {step, epoch, ...}; written last
+        model_fp32.pt         online towers, fp32, tensors only (the eval job reads this)
+        momentum.pt           key towers, fp32, tensors only
+        config.yaml           the run's resolved config
+        meta.json             step, epoch, step_in_epoch, samples, world_size, time
+        user_state/rank_00000.pt   per rank: queue shard, RNG states, counters
+        <deepspeed files>     engine state: module, optimiser, scheduler (client_state unused)
+
+A checkpoint is written under ``step_XXXXXXXX.tmp`` and renamed into place by
+rank 0 only after every rank has finished writing and COMPLETE is on disk;
+``latest`` is replaced atomically afterwards. A crash or ``kill -9`` at any
+point leaves the previous checkpoint and ``latest`` intact; leftover
+``*.tmp`` folders are removed by the next save.
+
+Everything we write ourselves loads with ``torch.load(weights_only=True)``:
+plain tensors, numbers, strings, lists and dicts. The DeepSpeed engine files
+are the run's own output and are loaded by DeepSpeed itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import distributed as du
+
+TAG_PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _atomic_write(path: str, data: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_pointer(path: str, tag: str) -> None:
+    """Point a name (``latest``, ``best``) at a checkpoint tag, atomically."""
+    _atomic_write(path, tag)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def is_complete(ckpt_dir: str) -> bool:
+    """A checkpoint folder is usable only when renamed into place with COMPLETE."""
+    return (os.path.isdir(ckpt_dir) and not os.path.basename(ckpt_dir.rstrip("/")).endswith(".tmp")
+            and os.path.isfile(os.path.join(ckpt_dir, "COMPLETE")))
+
+
+def list_checkpoints(ckpt_root: str) -> List[str]:
+    """Complete checkpoint folders of a run, oldest first (by step)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    names = [n for n in os.listdir(ckpt_root) if n.startswith(TAG_PREFIX) and not n.endswith(".tmp")]
+    dirs = [os.path.join(ckpt_root, n) for n in sorted(names)]
+    return [d for d in dirs if is_complete(d)]
+
+
+def latest_checkpoint(ckpt_root: str) -> Optional[str]:
+    """The newest complete checkpoint: ``latest`` if it is valid, else a scan."""
+    pointer = os.path.join(ckpt_root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            cand = os.path.join(ckpt_root, f.read().strip())
+        if is_complete(cand):
+            return cand
+    done = list_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG the step touches, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": repr(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    # random.getstate() is a tuple of ints (and None): literal_eval parses it
+    # without executing anything.
+    random.setstate(ast.literal_eval(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def full_fp32_state_dict(engine) -> Dict[str, torch.Tensor]:
+    """The online towers' weights in fp32 on CPU, on every rank.
+
+    With bf16 or ZeRO 1-2 the module holds low-precision copies and the fp32
+    master weights are partitioned in the optimiser; DeepSpeed assembles them
+    (a collective: every rank must call this).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    for name, b in engine.module.named_buffers():
+        out[name] = b.detach().cpu().clone() if not b.is_floating_point() else b.detach().float().cpu().clone()
+    return out
+
+
+def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], config_yaml: str,
+                    momentum_state: Dict[str, torch.Tensor], rank_state: Dict[str, Any],
+                    keep_last: int, keep_tags: tuple = ()) -> str:
+    """Write one checkpoint atomically. Call on every rank.
+
+    Args:
+        meta: JSON-able run position (epoch, step_in_epoch, samples ...).
+        momentum_state: key towers' state_dict (identical on every rank).
+        rank_state: this rank's own state (queue shard, counters); RNG added here.
+        keep_last: how many step checkpoints to keep (plus ``keep_tags``).
+    Returns: the final checkpoint folder.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    tag = tag_for(step)
+    tmp_tag = tag + ".tmp"
+    final = os.path.join(root, tag)
+    tmp = os.path.join(root, tmp_tag)
+    if du.is_main():
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by a crash during an earlier save
+            shutil.rmtree(tmp)
+    du.barrier()
+    model_fp32 = full_fp32_state_dict(engine)  # collective
+    engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
+    os.makedirs(os.path.join(tmp, "user_state"), exist_ok=True)
+    state = dict(rank_state)
+    state["rng"] = rng_state()
+    _atomic_torch_save(state, os.path.join(tmp, "user_state", f"rank_{du.rank():05d}.pt"))
+    if du.is_main():
+        _atomic_torch_save(model_fp32, os.path.join(tmp, "model_fp32.pt"))
+        _atomic_torch_save(momentum_state, os.path.join(tmp, "momentum.pt"))
+        _atomic_write(os.path.join(tmp, "config.yaml"), config_yaml)
+        full_meta = dict(meta, step=step, world_size=du.world_size(), time=time.time())
+        _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(full_meta, indent=1))
+    du.barrier()  # every rank's files are on disk
+    if du.is_main():
+        _atomic_write(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "epoch": meta.get("epoch")}))
+        if os.path.exists(final):  # same step saved twice (e.g. preemption at an epoch end)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_pointer(os.path.join(root, "latest"), tag)
+        prune(root, keep_last, keep_tags)
+    du.barrier()
+    return final
+
+
+def prune(ckpt_root: str, keep_last: int, keep_tags: tuple = ()) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and keep_tags)."""
+    done = list_checkpoints(ckpt_root)
+    for d in done[:-keep_last] if keep_last > 0 else done:
+        if os.path.basename(d) not in keep_tags:
+            shutil.rmtree(d, ignore_errors=True)
+    for n in os.listdir(ckpt_root):
+        if n.startswith(TAG_PREFIX) and n.endswith(".tmp"):
+            # A *.tmp folder at this point is from a crashed save, never ours.
+            shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_meta(ckpt_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(ckpt_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def load_checkpoint(ckpt_dir: str, engine) -> Dict[str, Any]:
+    """Restore the engine and return meta, momentum state and this rank's state.
+
+    Raises a clear error when the checkpoint was written with another world
+    size (per-rank queue shards and data positions would not line up).
+    """
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no COMPLETE file); "
+                                "pick another one or use train.resume=auto")
+    meta = load_meta(ckpt_dir)
+    if meta["world_size"] != du.world_size():
+        raise RuntimeError(
+            f"{ckpt_dir} was written by {meta['world_size']} ranks but this job has {du.world_size()}: "
+            "queue shards and data positions are per rank. Resume with the same number of processes "
+            "(see docs/training.md)")
+    root, tag = os.path.split(ckpt_dir.rstrip("/"))
+    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
+    momentum = torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
+    rank_state = torch.load(os.path.join(ckpt_dir, "user_state", f"rank_{du.rank():05d}.pt"),
+                            map_location="cpu", weights_only=True)
+    return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
+
+
+def load_model_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """The online towers' fp32 weights, without DeepSpeed and without unpickling code."""
+    path = os.path.join(ckpt_dir, "model_fp32.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a user-dist checkpoint or is incomplete")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's python object on every rank (small metadata only)."""
+    if du.world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,67 @@
+"""The DeepSpeed config, derived from the run's YAML config (one source of truth).
+
+A user-supplied DeepSpeed JSON (``train.deepspeed_config``) may override keys;
+every overridden key is reported so that nothing disagrees silently.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Tuple
+
+from .config import Config, ConfigError
+
+
+def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """DeepSpeed config dict for this run and world size."""
+    t = cfg.train
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        # We print our own progress; DeepSpeed's per-step prints would spam every rank.
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        # Accumulate gradients in fp32: bf16 accumulation loses small updates.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_user_override(derived: Dict[str, Any], path: str) -> Tuple[Dict[str, Any], List[str]]:
+    """Apply a user's DeepSpeed JSON on top; return the result and a diff."""
+    if not path:
+        return derived, []
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
+    merged = _merge(derived, user)
+    before, after = _flatten(derived), _flatten(merged)
+    diff = [f"{k}: {before.get(k, '<unset>')!r} -> {after[k]!r}" for k in sorted(after)
+            if before.get(k, "<unset>") != after[k]]
+    return merged, diff

@@ -1,0 +1,207 @@
+"""Rank and world discovery for every launcher, and process-group start-up.
+
+One place knows how each launcher describes the job:
+
+- ``deepspeed`` and ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT in the environment (deepspeed also appends ``--local_rank=N``
+  to argv, which :func:`strip_local_rank_arg` removes);
+- SLURM ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node list
+  (MASTER_ADDR is the first host of SLURM_JOB_NODELIST unless already set);
+- a plain process: rank 0 of 1, no process group needed.
+
+The backend is nccl when CUDA is available and gloo otherwise, so the same
+code runs on a GPU cluster and on a CPU laptop.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | deepspeed | slurm | single
+
+
+def strip_local_rank_arg(argv: List[str]) -> List[str]:
+    """Remove ``--local_rank=N`` / ``--local_rank N`` (added by deepspeed)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            continue
+        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list like ``node[01-04,07],gpu3``.
+
+    Uses ``scontrol show hostnames`` when present (it knows every syntax),
+    else expands the common bracket form itself.
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    lo = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{lo}{suffix}"
+
+
+def discover(environ: Optional[dict] = None) -> DistEnv:
+    """Read rank/world/master from whichever launcher started this process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        # torchrun and the deepspeed launcher both set these; deepspeed also
+        # sets CROSS_RANK/LOCAL_SIZE-free env and passes --local_rank.
+        launcher = "deepspeed" if "DS_ACCELERATOR" in env or any(
+            a.startswith("--local_rank") for a in sys.argv) else "torchrun"
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+        # A port derived from the job id avoids collisions between jobs on a node.
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       addr, port, "slurm")
+    return DistEnv(0, 1, int(env.get("LOCAL_RANK", 0)), "127.0.0.1", 0, "single")
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEnv:
+    """Start the process group for this process (no-op for a single process).
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed and any
+    library that reads the environment agree with what was discovered.
+    """
+    de = discover()
+    if de.world_size == 1 and not use_deepspeed:
+        return de
+    os.environ.update(RANK=str(de.rank), WORLD_SIZE=str(de.world_size), LOCAL_RANK=str(de.local_rank),
+                      MASTER_ADDR=de.master_addr, MASTER_PORT=str(de.master_port or _free_port()))
+    if dist.is_initialized():
+        return de
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(de.local_rank % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size, timeout=timeout)
+    return de
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns each rank the gradient of its slice.
+
+    The gradient of the concatenation is summed over ranks (every rank's loss
+    depends on every rank's features), then each rank keeps its own rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: (B, ...)
+        ws = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ws)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)  # (ws*B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world*B, ...) in rank order, differentiable.
+
+    Every rank must pass the same B.
+    """
+    if world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world*B, ...) in rank order, no gradient."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Make parameters and buffers identical to rank src's (DeepSpeed does not
+    broadcast buffers, and momentum towers live outside the engine)."""
+    if world_size() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)

@@ -1,0 +1,326 @@
+"""The training loop: DeepSpeed engine, momentum towers, queues, UTO, checkpoints.
+
+One optimiser step (``train.grad_accum`` micro-steps):
+
+    img, txt = engine(batch)                      # online towers, (B, E), grad
+    img_k, txt_k = momentum.encode(batch)         # key towers, fp32, no grad
+    loss = uto_loss(img, txt, img_k, txt_k, ids, queue)
+    engine.backward(loss); engine.step()
+    at the accumulation boundary: momentum.update(online towers)
+    queue.enqueue(img_k, txt_k, ids)              # every micro-step, after the loss
+
+Gradient accumulation: keys of every micro-batch are enqueued (the queue sees
+every sample once per epoch, as without accumulation), while the momentum
+towers move once per optimiser step, since theta_q only changes then.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from . import distributed as du
+from .config import Config, to_yaml
+from .deepspeed_config import derive, with_user_override
+from .monitor import Monitor, to_host
+from .schedule import build_scheduler
+
+log = logging.getLogger("user_dist")
+
+
+@dataclass
+class Position:
+    """Where the run is: optimiser steps done, epoch, steps done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_nonfinite: int = 0
+
+
+class StopRequested(Exception):
+    pass
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 (SLURM preemption): checkpoint at the next step, exit 0."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
+        self.flag = True
+
+
+def _float_inputs_to(batch: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+    """Move a batch to the device; floating inputs take the engine's dtype."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, resume_from: str = ""):
+        from .data import train_loader
+        from .loss import uto_loss
+        from .models import build_model
+        from .momentum import MomentumEncoder
+        from .queue import NegativeQueue
+        from .tokenizer import build_tokenizer
+
+        import deepspeed
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self._train_loader, self._uto_loss = train_loader, uto_loss
+        self.rank, self.world = du.rank(), du.world_size()
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        # Same seed on every rank: identical initial towers (DeepSpeed broadcasts
+        # parameters, not buffers) and identical momentum copies.
+        torch.manual_seed(t.seed)
+        self.tokenizer = build_tokenizer(cfg.model.text)
+        model = build_model(cfg.model, cfg.data.mode)
+        du.broadcast_module_state(model)
+        # The key towers are copied in fp32 before DeepSpeed casts the module.
+        self.momentum = MomentumEncoder(model, cfg.queue)
+
+        self.steps_per_epoch = len(self._stream(0)) // t.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
+                             f"({self.world} ranks x {t.batch_size} x {t.grad_accum}); lower train.batch_size")
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+        o = cfg.optim
+        groups = model.param_groups(o)
+        fused = torch.cuda.is_available()  # the fused kernel exists on CUDA only
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=fused or None)
+        scheduler = build_scheduler(optimizer, o, self.steps_per_epoch, self.total_steps)
+        ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
+        for line in diff:
+            log.warning("deepspeed_config override: %s", line)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        self.device = self.engine.device
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.momentum.to(self.device)
+        self.queue = NegativeQueue(cfg.queue, cfg.model.embed_size, self.device)
+
+        self.pos = Position()
+        if resume_from:
+            self._restore(resume_from)
+        # Per-rank seed for dropout and augmentation from here on, so that
+        # ranks see different noise (restored RNG states take precedence).
+        elif t.seed is not None:
+            torch.manual_seed(t.seed + 1000 * self.rank + 1)
+
+        self.monitor = Monitor(run_dir, du.is_main(), self.total_steps)
+        self.monitor.text("config", "```\n" + to_yaml(cfg) + "\n```")
+        self.best_rsum = float("-inf")
+        self.best_tag = ""
+        self.signals = _Signals()
+
+    # ----------------------------------------------------------------- data
+
+    def _stream(self, epoch: int, start_step: int = 0):
+        t = self.cfg.train
+        return self._train_loader(self.cfg.data, self.tokenizer, t.batch_size, rank=self.rank,
+                                  world_size=self.world, epoch=epoch, seed=t.seed, start_step=start_step)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _restore(self, path: str) -> None:
+        state = ckpt.load_checkpoint(path, self.engine)
+        self.momentum.load_state_dict(state["momentum"])
+        rs = state["rank_state"]
+        self.queue.load_state_dict(rs["queue"])
+        ckpt.set_rng_state(rs["rng"])
+        m = state["meta"]
+        self.pos = Position(m["step"], m["epoch"], m["step_in_epoch"], m.get("skipped_nonfinite", 0))
+        self.best_rsum = m.get("best_rsum", float("-inf"))
+        self.best_tag = m.get("best_tag", "")
+        log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.pos.step,
+                 self.pos.epoch, self.pos.step_in_epoch)
+
+    def save(self) -> str:
+        p = self.pos
+        meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "skipped_nonfinite": p.skipped_nonfinite,
+                "samples": p.step * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world,
+                "best_rsum": self.best_rsum if self.best_rsum > float("-inf") else None,
+                "best_tag": self.best_tag}
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.engine, step=p.step, meta=meta, config_yaml=to_yaml(self.cfg),
+            momentum_state=self.momentum.state_dict(), rank_state={"queue": self.queue.state_dict()},
+            keep_last=self.cfg.train.keep_last, keep_tags=(self.best_tag,) if self.best_tag else ())
+        if du.is_main() and self.best_tag == os.path.basename(path):
+            ckpt.write_pointer(os.path.join(self.run_dir, "checkpoints", "best"), self.best_tag)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ----------------------------------------------------------------- step
+
+    def _micro_step(self, batch: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+        """Forward + backward of one micro-batch; None when the loss was not finite."""
+        b = _float_inputs_to(batch, self.device, self.dtype)
+        img, txt = self.engine(b)
+        with torch.no_grad():
+            img_k, txt_k = self.momentum.encode(_float_inputs_to(batch, self.device, torch.float32))
+        loss, stats = self._uto_loss(img.float(), txt.float(), img_k, txt_k, b["image_ids"], self.queue,
+                                     self.cfg.loss)
+        # Every rank must agree on skipping, or collectives would mismatch.
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            return None
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self.momentum.update(self.engine.module)
+        self.queue.enqueue(img_k, txt_k, b["image_ids"])
+        stats = dict(stats)
+        stats["loss"] = loss.detach()
+        return stats
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([int(self.signals.flag)], dtype=torch.int32)
+        if self.world > 1:
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ----------------------------------------------------------------- loop
+
+    def fit(self) -> Position:
+        t = self.cfg.train
+        accum = t.grad_accum
+        nonfinite_run = 0
+        last_log_t, last_log_step = time.time(), self.pos.step
+        try:
+            while self.pos.epoch < t.epochs and self.pos.step < self.total_steps:
+                stream = self._stream(self.pos.epoch, start_step=self.pos.step_in_epoch * accum)
+                micro = 0
+                stats = None
+                exhausted = True
+                for batch in stream:
+                    if self.pos.step_in_epoch >= self.steps_per_epoch:
+                        break  # the trailing micro-batches of an incomplete accumulation window
+                    t0 = time.time()
+                    out = self._micro_step(batch)
+                    if out is None:
+                        nonfinite_run += 1
+                        self.pos.skipped_nonfinite += 1
+                        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
+                                    self.pos.step, nonfinite_run)
+                        if nonfinite_run >= t.max_nonfinite_in_a_row:
+                            raise FloatingPointError(
+                                f"{nonfinite_run} non-finite losses in a row at step {self.pos.step}: stopping. "
+                                "Lower optim.lr, check the data (data.on_error) or use train.precision=fp32")
+                        continue
+                    nonfinite_run = 0
+                    stats = out
+                    micro += 1
+                    if micro % accum:
+                        continue
+                    self.pos.step += 1
+                    self.pos.step_in_epoch += 1
+                    step_time = time.time() - t0
+                    if self.pos.step % t.log_every == 0 or self.pos.step == self.total_steps:
+                        self._log(stats, step_time, last_log_t, last_log_step)
+                        last_log_t, last_log_step = time.time(), self.pos.step
+                        if self._stop_requested():
+                            raise StopRequested()
+                    if t.ckpt_every_steps and self.pos.step % t.ckpt_every_steps == 0:
+                        self.save()
+                    if self.pos.step >= self.total_steps:
+                        exhausted = False
+                        break
+                # An epoch also ends when its stream runs dry early (skipped
+                # non-finite micro-batches), never by restarting the stream.
+                if exhausted or self.pos.step_in_epoch >= self.steps_per_epoch:
+                    self.pos.epoch += 1
+                    self.pos.step_in_epoch = 0
+                    if t.validate_every_epochs and self.pos.epoch % t.validate_every_epochs == 0:
+                        self.validate()
+                    self.save()
+                elif self.pos.step >= self.total_steps:
+                    self.save()
+        except StopRequested:
+            log.warning("stop requested: saving a checkpoint at step %d and exiting", self.pos.step)
+            self.save()
+        finally:
+            self.monitor.flush()
+        return self.pos
+
+    def _log(self, stats: Dict[str, torch.Tensor], step_time: float, t_prev: float, step_prev: int) -> None:
+        host = to_host(stats)
+        t = self.cfg.train
+        elapsed = max(1e-9, time.time() - t_prev)
+        samples = (self.pos.step - step_prev) * t.batch_size * t.grad_accum * self.world
+        values = {f"train/{k}": v for k, v in host.items()}
+        values.update({
+            "perf/samples_per_s": samples / elapsed,
+            "perf/step_time_s": step_time,
+            "train/epoch": float(self.pos.epoch),
+            "train/skipped_nonfinite": float(self.pos.skipped_nonfinite),
+            "queue/pool_size": float(self.queue.pool_size),
+        })
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            values["train/grad_norm"] = float(gn)
+        for i, g in enumerate(self.engine.optimizer.param_groups):
+            values[f"lr/group{i}"] = g["lr"]
+        self.monitor.scalars(values, self.pos.step)
+        self.monitor.progress(self.pos.step, self.pos.epoch, values)
+
+    # ----------------------------------------------------------------- validation
+
+    def validate(self) -> Optional[float]:
+        """rsum on the val split (generic protocol); keeps the best checkpoint."""
+        from .evaluation.encode import encode_split
+        from .evaluation.metrics import compute_metrics
+
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        try:
+            img, txt = encode_split(model, self.cfg.data.val_shards, self.cfg.data, self.tokenizer,
+                                    self.cfg.eval.batch_size, device=self.device, dtype=self.dtype)
+        finally:
+            model.train(was_training)
+        rsum = None
+        if du.is_main():
+            m = compute_metrics((img @ txt.T).float().cpu().numpy(), "generic")
+            rsum = m["rsum"]
+            self.monitor.scalars({f"val/{k}": float(v) for k, v in m.items() if not isinstance(v, (list, dict))},
+                                 self.pos.step)
+            log.info("validation at epoch %d: rsum %.2f (i2t R@1 %.2f, t2i R@1 %.2f)", self.pos.epoch, rsum,
+                     m["i2t_r1"], m["t2i_r1"])
+        rsum = ckpt.broadcast_object(rsum)
+        if rsum is not None and rsum > self.best_rsum:
+            # The checkpoint saved right after validation becomes the best one.
+            self.best_rsum = rsum
+            self.best_tag = ckpt.tag_for(self.pos.step)
+        return rsum
+
+    def close(self) -> None:
+        self.monitor.close()
