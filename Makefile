@@ -21,6 +21,9 @@ $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[dev]'
+	@# Build DeepSpeed's CPU shared-memory op once, here, rather than racing in
+	@# the first multi-process run (it is JIT-compiled on first use otherwise).
+	$(VPY) -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b is None or b.load()"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -46,7 +46,7 @@ def test_deepspeed_config_is_derived_from_the_yaml_config():
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 32 * 2 * 4
     assert ds["zero_optimization"]["stage"] == 1
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["fp16"]["enabled"]
     assert ds["gradient_clipping"] == 2.0
 
 

@@ -132,12 +132,15 @@ def full_fp32_state_dict(engine) -> Dict[str, torch.Tensor]:
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    params = dict(engine.module.named_parameters())
     out = {}
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    for name, b in engine.module.named_buffers():
-        out[name] = b.detach().cpu().clone() if not b.is_floating_point() else b.detach().float().cpu().clone()
+    # state_dict() names exactly what load_state_dict expects: parameters and
+    # persistent buffers (not e.g. BERT's non-persistent position_ids).
+    for name, value in engine.module.state_dict().items():
+        p = params.get(name)
+        full = safe_get_full_fp32_param(p) if p is not None and p.requires_grad else None
+        t = (full if full is not None else value).detach()
+        out[name] = (t.float() if t.is_floating_point() else t).cpu().clone()
     return out
 
 

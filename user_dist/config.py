@@ -73,6 +73,8 @@ class TextEncoderConfig:
     intermediate_size: int = 3072
     vocab_size: int = 30522
     max_position: int = 512
+    # Dropout of the encoder (hidden and attention; BERT's own value is 0.1).
+    dropout: float = 0.1
     # Learning-rate multiplier of the encoder's parameters (method.md: 0.1).
     lr_mult: float = 0.1
 
@@ -104,6 +106,10 @@ class GSEConfig:
     # CGE: dimension of the frozen CLIP features, and where they come from.
     clip_dim: int = 512
     clip_text_guide: bool = False
+    # Where CGE's CLIP features come from: 'shards' (the batch's clip_image /
+    # clip_text, from clip_*.npy) or 'online' (a frozen open_clip image tower
+    # run on batch['images'] when the batch carries no clip_image).
+    clip_source: str = "shards"
     # Online CLIP when shards carry no clip_*.npy: 'open_clip:<name>' + weights.
     clip_model: str = "open_clip:ViT-B-32"
     clip_weights: str = ""
@@ -118,6 +124,10 @@ class ModelConfig:
     # GPO: positional-encoding size and BiGRU hidden size.
     gpo_pe_dim: int = 32
     gpo_hidden: int = 32
+    # Batch statistics of every BatchNorm over the global batch (all ranks,
+    # like SyncBatchNorm): N ranks x B equals one process with N*B. False
+    # keeps per-rank statistics (no collective per norm, not equivalent).
+    sync_norm: bool = True
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     gse: GSEConfig = field(default_factory=GSEConfig)
@@ -198,6 +208,8 @@ class EvalConfig:
     protocols: List[str] = field(default_factory=lambda: ["coco1k", "coco5k"])
     batch_size: int = 256
     save_sims: bool = False
+    # Image queries and caption queries shown (top-5 each) on the HTML report page.
+    report_examples: int = 5
 
 
 @dataclass
@@ -216,6 +228,7 @@ CHOICES = {
     "data.mode": ("regions", "jpg"),
     "data.on_error": ("error", "skip"),
     "model.gse.kind": ("sge", "cge", "both", "none"),
+    "model.gse.clip_source": ("shards", "online"),
     "queue.mode": ("replicated", "sharded"),
     "optim.schedule": ("step", "cosine", "constant"),
     "train.precision": ("bf16", "fp16", "fp32"),

@@ -20,15 +20,15 @@ def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 runs under torch autocast: parameters, gradients and optimiser
+        # state stay fp32 (BatchNorm, GRU and the loss keep fp32 numerics and
+        # the momentum towers average fp32 weights), matmuls run in bf16.
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
         # We print our own progress; DeepSpeed's per-step prints would spam every rank.
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if t.precision == "bf16":
-        # Accumulate gradients in fp32: bf16 accumulation loses small updates.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 

@@ -68,33 +68,36 @@ def first_slurm_host(nodelist: str) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     first = re.split(r",(?![^\[]*\])", nodelist)[0]
-    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
-    if not m:
-        return first
-    prefix, ranges, suffix = m.groups()
-    lo = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{lo}{suffix}"
+    # The first host takes the first value of every bracket: rack[1-2]-n[07,09] -> rack1-n07.
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def discover(environ: Optional[dict] = None) -> DistEnv:
     """Read rank/world/master from whichever launcher started this process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        # torchrun and the deepspeed launcher both set these; deepspeed also
-        # sets CROSS_RANK/LOCAL_SIZE-free env and passes --local_rank.
-        launcher = "deepspeed" if "DS_ACCELERATOR" in env or any(
-            a.startswith("--local_rank") for a in sys.argv) else "torchrun"
-        if "TORCHELASTIC_RUN_ID" in env:
-            launcher = "torchrun"
+        # torchrun and the deepspeed launcher both set these. deepspeed's
+        # launcher also sets CROSS_RANK (its node rank) and appends
+        # --local_rank to argv (absent with --no_local_rank); torchrun sets
+        # TORCHELASTIC_RUN_ID. Anything else exported them by hand (env://).
+        launcher = "torchrun"
+        if "TORCHELASTIC_RUN_ID" not in env and ("CROSS_RANK" in env or "DS_ACCELERATOR" in env or (
+                environ is None and any(a.startswith("--local_rank") for a in sys.argv))):
+            launcher = "deepspeed"
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    # Only a task of an srun step is a rank: the batch script itself (and an
+    # salloc shell) also carries SLURM_PROCID=0 and the job's SLURM_NTASKS, but
+    # no SLURM_STEP_ID, and must not wait for peers that never come.
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ntasks > 1:
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                    or env.get("SLURM_NODELIST") or "127.0.0.1")
         addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-        # A port derived from the job id avoids collisions between jobs on a node.
+        # A port derived from the job id avoids collisions between jobs on a
+        # node (launch/slurm/train.sbatch exports the same one).
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       addr, port, "slurm")
+        return DistEnv(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
     return DistEnv(0, 1, int(env.get("LOCAL_RANK", 0)), "127.0.0.1", 0, "single")
 
 

@@ -79,8 +79,8 @@ class Trainer:
         from .data import train_loader
         from .loss import uto_loss
         from .models import build_model
-        from .momentum import MomentumEncoder
-        from .queue import NegativeQueue
+        from .momentum import MomentumTowers
+        from .queue import NegativeQueues
         from .tokenizer import build_tokenizer
 
         import deepspeed
@@ -98,9 +98,12 @@ class Trainer:
         model = build_model(cfg.model, cfg.data.mode)
         du.broadcast_module_state(model)
         # The key towers are copied in fp32 before DeepSpeed casts the module.
-        self.momentum = MomentumEncoder(model, cfg.queue)
+        self.momentum = MomentumTowers(model, cfg.queue)
 
-        self.steps_per_epoch = len(self._stream(0)) // t.grad_accum
+        first = self._stream(0)
+        self.data_fingerprint = first.fingerprint
+        # Micro-batches per epoch are equal on every rank; an optimiser step is grad_accum of them.
+        self.steps_per_epoch = first.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
                              f"({self.world} ranks x {t.batch_size} x {t.grad_accum}); lower train.batch_size")
@@ -120,9 +123,11 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
         self.device = self.engine.device
+        # Input dtype: the module's (fp16 casts it; bf16 runs fp32 weights under autocast).
         self.dtype = next(self.engine.module.parameters()).dtype
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.momentum.to(self.device)
-        self.queue = NegativeQueue(cfg.queue, cfg.model.embed_size, self.device)
+        self.queue = NegativeQueues(cfg.queue, cfg.model.embed_size, self.device)
 
         self.pos = Position()
         if resume_from:
@@ -154,6 +159,12 @@ class Trainer:
         self.queue.load_state_dict(rs["queue"])
         ckpt.set_rng_state(rs["rng"])
         m = state["meta"]
+        saved_fp = m.get("data_fingerprint")
+        if saved_fp is not None and saved_fp != self.data_fingerprint:
+            changed = sorted(k for k in set(saved_fp) | set(self.data_fingerprint)
+                             if saved_fp.get(k) != self.data_fingerprint.get(k))
+            log.warning("resuming %s with a different data stream (%s changed): the run continues, but not "
+                        "exactly where it stopped", path, ", ".join(changed))
         self.pos = Position(m["step"], m["epoch"], m["step_in_epoch"], m.get("skipped_nonfinite", 0))
         self.best_rsum = m.get("best_rsum", float("-inf"))
         self.best_tag = m.get("best_tag", "")
@@ -165,7 +176,7 @@ class Trainer:
         meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "skipped_nonfinite": p.skipped_nonfinite,
                 "samples": p.step * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world,
                 "best_rsum": self.best_rsum if self.best_rsum > float("-inf") else None,
-                "best_tag": self.best_tag}
+                "best_tag": self.best_tag, "data_fingerprint": self.data_fingerprint}
         path = ckpt.save_checkpoint(
             self.run_dir, self.engine, step=p.step, meta=meta, config_yaml=to_yaml(self.cfg),
             momentum_state=self.momentum.state_dict(), rank_state={"queue": self.queue.state_dict()},
@@ -181,7 +192,7 @@ class Trainer:
         """Forward + backward of one micro-batch; None when the loss was not finite."""
         b = _float_inputs_to(batch, self.device, self.dtype)
         img, txt = self.engine(b)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast:
             img_k, txt_k = self.momentum.encode(_float_inputs_to(batch, self.device, torch.float32))
         loss, stats = self._uto_loss(img.float(), txt.float(), img_k, txt_k, b["image_ids"], self.queue,
                                      self.cfg.loss)
@@ -296,20 +307,22 @@ class Trainer:
 
     def validate(self) -> Optional[float]:
         """rsum on the val split (generic protocol); keeps the best checkpoint."""
+        from .data import eval_loader
         from .evaluation.encode import encode_split
-        from .evaluation.metrics import compute_metrics
+        from .evaluation.metrics import evaluate
 
         model = self.engine.module
         was_training = model.training
-        model.eval()
+        batches = eval_loader(self.cfg.data.val_shards, self.cfg.data, self.tokenizer, self.cfg.eval.batch_size,
+                              rank=self.rank, world_size=self.world)
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
         try:
-            img, txt = encode_split(model, self.cfg.data.val_shards, self.cfg.data, self.tokenizer,
-                                    self.cfg.eval.batch_size, device=self.device, dtype=self.dtype)
+            split = encode_split(model, batches, self.device, dtype)
         finally:
             model.train(was_training)
         rsum = None
         if du.is_main():
-            m = compute_metrics((img @ txt.T).float().cpu().numpy(), "generic")
+            m = evaluate(split.similarities().numpy(), "generic", source=self.cfg.data.val_shards)
             rsum = m["rsum"]
             self.monitor.scalars({f"val/{k}": float(v) for k, v in m.items() if not isinstance(v, (list, dict))},
                                  self.pos.step)

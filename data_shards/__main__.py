@@ -1,0 +1,38 @@
+"""``python -m data_shards <command> ...``: one CLI for every shard builder."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from user_dist.data_format import ShardError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_shards import clip_features, karpathy, precomp, synthetic
+
+    parser = argparse.ArgumentParser(
+        prog="python -m data_shards",
+        description="Build WebDataset shards (one sample per image, 5 captions) for user-dist. See docs/data.md.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (karpathy, precomp, synthetic, clip_features):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from data_shards.writer import BuildError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (BuildError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

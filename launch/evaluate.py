@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""The evaluation job: metrics from similarity matrices, checkpoints or a whole run.
+
+    # offline scoring and ensembles: one or more saved (N, 5N) image x caption matrices
+    python launch/evaluate.py --sims A.npy [B.npy ...] --protocol coco1k --json out.json
+    # one checkpoint (inside RUN/checkpoints/ it is recorded like the watch mode does)
+    python launch/evaluate.py --checkpoint runs/NAME/checkpoints/step_00001000 [--out DIR]
+    # every complete checkpoint of a run not evaluated yet; --watch keeps following it
+    python launch/evaluate.py --run runs/NAME --watch [--poll 60]
+    # several ranks encode the split together
+    torchrun --nproc_per_node 4 launch/evaluate.py --run runs/NAME --watch
+
+Any ``key=value`` after the options overrides the checkpoint's own config,
+e.g. ``eval.protocols=[generic] eval.batch_size=64 eval.save_sims=true``.
+For each checkpoint it writes RUN/eval/<tag>/metrics.json and report.html
+(and sims.npy with eval.save_sims), TensorBoard scalars eval/<protocol>/<metric>
+at the checkpoint's step into RUN/tb/eval, RUN/eval/best.json (highest rsum
+of the first protocol) and RUN/eval/state.json (what was done, across restarts).
+See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from user_dist.config import load_config  # noqa: E402
+from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
+                                          evaluate)
+from user_dist.evaluation.report import format_table  # noqa: E402
+
+log = logging.getLogger("user_dist.evaluate")
+
+# (step, {protocol: metrics}) from one checkpoint; None on ranks other than 0.
+Results = Optional[Tuple[int, Dict[str, dict]]]
+# The checkpoint's own run-time paths mean nothing to the evaluation job (the
+# run may have been resumed from a checkpoint pruned since): blank them so
+# that validation does not reject the config.
+NEUTRAL_OVERRIDES = ["train.resume=''", "train.deepspeed_config=''"]
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- offline scoring
+
+
+def load_sims(paths: Sequence[str], protocol: str) -> np.ndarray:
+    """Load saved (N, 5N) matrices and average them (an ensemble).
+
+    Each file is checked alone (shape for the protocol, NaN/inf) so that the
+    message names the file. np.load never unpickles (allow_pickle=False).
+    Raises:
+        ProtocolError: a file does not fit the protocol or the files' shapes differ.
+    """
+    total, first = None, None
+    for path in paths:
+        try:
+            sims = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"{path}: cannot read a .npy similarity matrix ({exc})") from exc
+        if first is not None and sims.shape != first[1]:
+            raise ProtocolError(f"{path}: shape {sims.shape} differs from {first[0]}'s {first[1]}; "
+                                "matrices of one ensemble must score the same images and captions")
+        check_sims(sims, protocol, source=path)
+        if len(paths) == 1:
+            return sims
+        total = sims.astype(np.float64) if total is None else total + sims  # float64: exact enough to average
+        first = first or (path, sims.shape)
+    return total / len(paths)
+
+
+# --------------------------------------------------------------------------- one checkpoint
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be evaluated (unreadable, corrupt, vanished, does not fit the model)."""
+
+
+def read_checkpoint(ckpt_dir: str, overrides: Sequence[str] = ()) -> Tuple[int, object, dict]:
+    """(step from COMPLETE, the run's Config from config.yaml, the fp32 weights) of one checkpoint.
+
+    The weights are read with torch.load(weights_only=True): tensors only, no
+    pickled code. Raises CheckpointError whatever is wrong with the files.
+    """
+    from user_dist import checkpoint
+
+    try:
+        with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
+            step = int(json.load(f)["step"])
+        cfg = load_config(os.path.join(ckpt_dir, "config.yaml"), NEUTRAL_OVERRIDES + list(overrides))
+        return step, cfg, checkpoint.load_model_weights(ckpt_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
+        raise CheckpointError(f"{ckpt_dir}: {type(exc).__name__}: {exc}") from exc
+
+
+class CheckpointEvaluator:
+    """Load a checkpoint's online towers, encode the test split, score, write the artifacts.
+
+    Called on every rank (the split is encoded by all ranks together); rank 0
+    scores and writes out_dir/report.html (and sims.npy with eval.save_sims).
+    Only what is read from the checkpoint raises CheckpointError; a missing
+    test split or a protocol that does not fit it are errors of the job.
+    """
+
+    def __init__(self, shards: Optional[str] = None, overrides: Sequence[str] = ()):
+        load_config(None, overrides)  # a bad override is the user's error for every checkpoint: fail now
+        self.shards, self.overrides = shards, list(overrides)
+
+    def load(self, ckpt_dir: str):
+        """(step, cfg, model on the CPU in fp32, eval mode) of one checkpoint, agreed on every rank."""
+        from user_dist.models import build_model
+
+        error, loaded = None, None
+        try:
+            step, cfg, weights = read_checkpoint(ckpt_dir, self.overrides)
+            try:
+                model = build_model(cfg.model, cfg.data.mode)
+                model.load_state_dict(weights)  # strict: every tensor must fit the model of its config
+            except Exception as exc:  # noqa: BLE001 - weights that do not fit: this checkpoint is unusable
+                raise CheckpointError(f"{ckpt_dir}: {type(exc).__name__}: {exc}") from exc
+            loaded = step, cfg, model.eval()
+        except CheckpointError as exc:
+            error = exc
+        if not _all_ranks_ok(error is None):
+            raise error or CheckpointError(f"{ckpt_dir}: another rank could not load this checkpoint")
+        return loaded
+
+    def __call__(self, ckpt_dir: str, out_dir: str) -> Results:
+        import torch
+
+        from user_dist import distributed
+        from user_dist.data import eval_loader
+        from user_dist.evaluation.encode import encode_split
+        from user_dist.evaluation.report import write_report
+        from user_dist.tokenizer import build_tokenizer
+
+        step, cfg, model = self.load(ckpt_dir)
+        device = distributed.device_for(int(os.environ.get("LOCAL_RANK", 0)))
+        model.to(device)
+        tokenizer = build_tokenizer(cfg.model.text)
+        batches = eval_loader(self.shards or cfg.data.test_shards, cfg.data, tokenizer, cfg.eval.batch_size,
+                              rank=distributed.rank(), world_size=distributed.world_size())
+        split = encode_split(model, batches, device)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        n = split.images.shape[0]
+        for p in cfg.eval.protocols:  # on every rank, so that all stop together
+            check_shape((n, 5 * n), p, source=f"test split {self.shards or cfg.data.test_shards}")
+        if distributed.rank() != 0:
+            return None
+        sims = split.similarities(device).numpy()  # (N, 5N)
+        results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
+        os.makedirs(out_dir, exist_ok=True)
+        if cfg.eval.save_sims:
+            np.save(os.path.join(out_dir, "sims.npy"), sims)
+        captions = tokenizer.batch_decode(split.input_ids, skip_special_tokens=True)
+        thumbs = split.thumbnails.numpy() if split.thumbnails is not None else None
+        write_report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",
+                     results, sims, captions, [f"image #{k}" for k in range(sims.shape[0])], thumbs,
+                     examples=cfg.eval.report_examples)
+        return step, results
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (so all ranks skip a bad checkpoint together)."""
+    from user_dist import distributed
+
+    if distributed.world_size() == 1:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device=distributed.device_for(int(os.environ.get("LOCAL_RANK", 0))))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # nccl reduces only CUDA tensors
+    return bool(flag.item())
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+class RunRecorder:
+    """What the job has done for one run, and where its results go (rank 0 writes).
+
+    RUN/eval/state.json  {"evaluated": {tag: {step, rsum}}, "failed": {tag: reason}}
+    RUN/eval/<tag>/metrics.json, RUN/eval/best.json, RUN/tb/eval (TensorBoard)
+
+    TensorBoard scalars go to RUN/tb/eval, a child of the training's log
+    folder: TensorBoard follows only the newest event file of a folder, so a
+    second writer in RUN/tb itself would freeze the live training curves.
+    """
+
+    def __init__(self, run_dir: str, writes: bool = True):
+        self.run_dir, self.writes = run_dir, writes
+        self.eval_dir = os.path.join(run_dir, "eval")
+        self.state_path = os.path.join(self.eval_dir, "state.json")
+        self.state = {"evaluated": {}, "failed": {}}
+        if os.path.isfile(self.state_path):
+            try:
+                with open(self.state_path) as f:
+                    self.state = json.load(f)
+                assert isinstance(self.state.get("evaluated"), dict) and isinstance(self.state.get("failed"), dict)
+            except (ValueError, AssertionError, AttributeError) as exc:
+                raise ValueError(f"{self.state_path} is not a valid evaluation state file ({exc}); delete it "
+                                   "to evaluate every checkpoint of the run again") from exc
+
+    def out_dir(self, tag: str) -> str:
+        return os.path.join(self.eval_dir, tag)
+
+    def is_done(self, tag: str) -> bool:
+        return tag in self.state["evaluated"] or tag in self.state["failed"]
+
+    def _save_state(self) -> None:
+        os.makedirs(self.eval_dir, exist_ok=True)
+        _atomic_json(self.state_path, self.state)
+
+    def record(self, tag: str, step: int, results: Dict[str, dict]) -> None:
+        """metrics.json, TensorBoard scalars, best.json, then the state (last: a crash re-evaluates)."""
+        if not self.writes:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(self.out_dir(tag), exist_ok=True)
+        _atomic_json(os.path.join(self.out_dir(tag), "metrics.json"), {"tag": tag, "step": step, **results})
+        writer = SummaryWriter(os.path.join(self.run_dir, "tb", "eval"))
+        try:
+            for protocol, metrics in results.items():
+                for key, value in metrics.items():
+                    if key != "folds":
+                        writer.add_scalar(f"eval/{protocol}/{key}", value, step)
+        finally:
+            writer.close()
+        protocol = next(iter(results))
+        rsum = results[protocol]["rsum"]
+        best_path = os.path.join(self.eval_dir, "best.json")
+        best = None
+        if os.path.isfile(best_path):
+            with open(best_path) as f:
+                best = json.load(f)
+        if best is None or best.get("protocol") != protocol or rsum > best["rsum"]:
+            _atomic_json(best_path, {"tag": tag, "step": step, "protocol": protocol, "rsum": rsum,
+                                     "metrics": os.path.join(tag, "metrics.json")})
+        self.state["evaluated"][tag] = {"step": step, "rsum": rsum}
+        self._save_state()
+
+    def record_failure(self, tag: str, reason: str) -> None:
+        if self.writes:
+            self.state["failed"][tag] = reason
+            self._save_state()
+
+
+EvaluateFn = Callable[[str, str], Results]
+
+
+class Watcher:
+    """Evaluates each complete checkpoint of a run once, in step order.
+
+    A checkpoint counts only when it is renamed into place with its COMPLETE
+    file (user_dist.checkpoint.list_checkpoints), so one being written is
+    never touched. A checkpoint that cannot be evaluated (corrupt, deleted by
+    pruning meanwhile, weights that do not fit the model) raises
+    CheckpointError: it is logged, remembered as failed and skipped (delete
+    its entry in RUN/eval/state.json to retry). Any other error would hit
+    every checkpoint (a missing test split, a protocol that does not fit it)
+    and stops the job instead.
+    """
+
+    def __init__(self, run_dir: str, evaluate_fn: EvaluateFn, recorder: Optional[RunRecorder] = None):
+        self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self.evaluate_fn = evaluate_fn
+        self.recorder = recorder or RunRecorder(run_dir)
+
+    def pending(self) -> List[str]:
+        from user_dist import checkpoint
+
+        return [d for d in checkpoint.list_checkpoints(self.ckpt_root)
+                if not self.recorder.is_done(os.path.basename(d))]
+
+    def poll(self) -> List[str]:
+        """Evaluate every pending checkpoint; returns the tags handled (evaluated or failed)."""
+        from user_dist import checkpoint
+
+        handled = []
+        for ckpt in checkpoint.broadcast_object(self.pending()):
+            tag = os.path.basename(ckpt)
+            started = time.time()
+            try:
+                out = self.evaluate_fn(ckpt, self.recorder.out_dir(tag))
+            except CheckpointError as exc:
+                reason = str(exc)
+                log.error("checkpoint %s could not be evaluated and is skipped (%s); delete its entry in %s "
+                          "to retry", ckpt, reason, self.recorder.state_path)
+                self.recorder.record_failure(tag, reason)
+            else:
+                if out is not None:
+                    step, results = out
+                    self.recorder.record(tag, step, results)
+                    log.info("evaluated %s (step %d) in %.1f s\n%s", tag, step, time.time() - started,
+                             format_table(results))
+            handled.append(tag)
+        return handled
+
+    def watch(self, poll_s: float) -> None:
+        log.info("watching %s every %.0f s (Ctrl-C to stop)", self.ckpt_root, poll_s)
+        while True:
+            self.poll()
+            time.sleep(poll_s)
+
+
+def run_dir_of(ckpt_dir: str) -> Optional[str]:
+    """RUN for a checkpoint at RUN/checkpoints/<tag>, else None."""
+    parent = os.path.dirname(os.path.abspath(ckpt_dir))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Evaluate USER retrieval: coco5k, coco1k (5 folds averaged), f30k, generic.",
+        epilog="Overrides (checkpoint modes): key=value applied to the checkpoint's config, "
+               "e.g. eval.protocols=[generic] eval.batch_size=64 eval.save_sims=true.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--sims", nargs="+", metavar="NPY", help="saved (N, 5N) image x caption matrices; "
+                      "several are averaged (an ensemble)")
+    mode.add_argument("--checkpoint", metavar="PATH", help="one checkpoint folder (with COMPLETE)")
+    mode.add_argument("--run", metavar="DIR", help="a run folder: evaluate its checkpoints not evaluated yet")
+    p.add_argument("--protocol", choices=list(PROTOCOL_IMAGES), help="with --sims: the protocol")
+    p.add_argument("--json", metavar="OUT", help="with --sims: write the metrics to this JSON file")
+    p.add_argument("--watch", action="store_true", help="with --run: keep following the run for new checkpoints")
+    p.add_argument("--poll", type=float, default=60.0, metavar="S", help="with --watch: seconds between scans")
+    p.add_argument("--shards", metavar="DIR", help="test split to encode (default: the config's data.test_shards)")
+    p.add_argument("--out", metavar="DIR", help="with --checkpoint outside a run folder: where to write")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    if args.sims and not args.protocol:
+        p.error("--sims needs --protocol (coco5k, coco1k, f30k or generic)")
+    if not args.sims and (args.protocol or args.json):
+        p.error("--protocol and --json go with --sims; for checkpoints set eval.protocols=[...]")
+    if args.watch and not args.run:
+        p.error("--watch goes with --run DIR")
+    if args.sims and (args.overrides or args.shards):
+        p.error("--sims takes no shards and no key=value overrides")
+    if args.checkpoint and not args.out and run_dir_of(args.checkpoint) is None:
+        p.error(f"{args.checkpoint} is not inside RUN/checkpoints/: give --out DIR for its results")
+    return args
+
+
+def _score_sims(args) -> int:
+    results = evaluate(load_sims(args.sims, args.protocol), args.protocol,
+                       source=args.sims[0] if len(args.sims) == 1 else "averaged matrices")
+    print(format_table({args.protocol: results}))
+    if args.json:
+        _atomic_json(args.json, results)
+    return 0
+
+
+def _evaluate_checkpoints(args) -> int:
+    from user_dist import checkpoint, distributed
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        distributed.init_distributed(use_deepspeed=False)
+    main_rank = distributed.is_main()
+    evaluator = CheckpointEvaluator(args.shards, args.overrides)
+    if args.run:
+        watcher = Watcher(args.run, evaluator, RunRecorder(args.run, writes=main_rank))
+        if args.watch:
+            watcher.watch(args.poll)
+        done = watcher.poll()
+        log.info("%d checkpoint(s) handled; nothing pending in %s", len(done), args.run)
+        return 0
+    if not checkpoint.is_complete(args.checkpoint):
+        raise FileNotFoundError(f"{args.checkpoint} is not a complete checkpoint (no COMPLETE file, or a *.tmp "
+                                "folder still being written)")
+    run_dir = run_dir_of(args.checkpoint)
+    tag = os.path.basename(os.path.abspath(args.checkpoint))
+    recorder = RunRecorder(run_dir, writes=main_rank) if run_dir and not args.out else None
+    out_dir = args.out or recorder.out_dir(tag)
+    out = evaluator(args.checkpoint, out_dir)
+    if out is not None:
+        step, results = out
+        if recorder:
+            recorder.record(tag, step, results)
+        else:
+            _atomic_json(os.path.join(out_dir, "metrics.json"), {"tag": tag, "step": step, **results})
+        print(format_table(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    from user_dist.distributed import strip_local_rank_arg
+    from user_dist.monitor import setup_logging
+
+    args = parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else list(argv)))
+    setup_logging(int(os.environ.get("RANK", 0)))
+    try:
+        return _score_sims(args) if args.sims else _evaluate_checkpoints(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # user-facing: the message says what to do
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

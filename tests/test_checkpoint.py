@@ -1,0 +1,95 @@
+"""Atomic checkpoints with a real 2-rank DeepSpeed engine (gloo, CPU)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, child_env, free_port
+from user_dist import checkpoint as ckpt
+
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "ckpt_engine.py")
+pytestmark = pytest.mark.slow
+
+
+def launch(run_dir, n, *extra, env=None):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           SCRIPT, str(run_dir), str(n), *extra]
+    return subprocess.Popen(cmd, env=child_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_saves_are_complete_pruned_and_resumable(tmp_path):
+    finish(launch(tmp_path, 4))
+    root = tmp_path / "checkpoints"
+    done = ckpt.list_checkpoints(str(root))
+    assert [os.path.basename(d) for d in done] == ["step_00000003", "step_00000004"]  # keep_last=2
+    assert (root / "latest").read_text() == "step_00000004"
+    last = root / "step_00000004"
+    assert json.loads((last / "COMPLETE").read_text())["step"] == 4
+    assert sorted(os.listdir(last / "user_state")) == ["rank_00000.pt", "rank_00001.pt"]
+    for r in (0, 1):
+        state = torch.load(last / "user_state" / f"rank_{r:05d}.pt", weights_only=True)
+        assert state["queue"] == {"owner": r, "step": 4} and "rng" in state
+    weights = ckpt.load_model_weights(str(last))
+    assert weights["0.weight"].dtype == torch.float32 and weights["0.weight"].shape == (16, 8)
+    assert "1.running_mean" in weights  # buffers travel too
+    out = finish(launch(tmp_path, 1, "--resume"))
+    assert "resumed 4" in out and "saved 5" in out
+    assert (root / "latest").read_text() == "step_00000005"
+
+
+def test_bf16_zero2_checkpoint_holds_fp32_weights(tmp_path):
+    finish(launch(tmp_path, 2, env={"PRECISION": "bf16", "ZERO": "2"}))
+    w = ckpt.load_model_weights(str(tmp_path / "checkpoints" / "step_00000002"))["0.weight"]
+    assert w.dtype == torch.float32
+    # Weights after AdamW steps are not all representable in bf16: full precision was kept.
+    assert not torch.equal(w, w.bfloat16().float())
+
+
+def test_kill_during_saves_leaves_a_complete_latest(tmp_path):
+    rng = random.Random(0)
+    for attempt in range(2):
+        proc = launch(tmp_path, 1000, *(["--resume"] if attempt else []))
+        seen = 0
+        deadline = time.time() + 240
+        while seen < 2 and time.time() < deadline:
+            line = proc.stdout.readline()
+            seen += line.startswith("saved")
+        assert seen == 2, "the job did not start saving"
+        time.sleep(rng.uniform(0.0, 0.6))  # land somewhere inside a later save
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        latest = ckpt.latest_checkpoint(str(tmp_path / "checkpoints"))
+        assert latest is not None and ckpt.is_complete(latest)
+        ckpt.load_model_weights(latest)
+        for r in (0, 1):
+            torch.load(os.path.join(latest, "user_state", f"rank_{r:05d}.pt"), weights_only=True)
+        assert json.loads(open(os.path.join(latest, "meta.json")).read())["world_size"] == 2
+    # A resumed job continues from the newest complete one and cleans up leftovers.
+    step = ckpt.load_meta(ckpt.latest_checkpoint(str(tmp_path / "checkpoints")))["step"]
+    out = finish(launch(tmp_path, 1, "--resume"))
+    assert f"resumed {step}" in out
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.endswith(".tmp")]
+
+
+def test_incomplete_folder_is_never_chosen(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_00000001").mkdir(parents=True)
+    (root / "step_00000001" / "COMPLETE").write_text("{}")
+    (root / "step_00000002").mkdir()  # no COMPLETE: a save that died before finishing
+    (root / "step_00000003.tmp").mkdir()
+    (root / "step_00000003.tmp" / "COMPLETE").write_text("{}")
+    (root / "latest").write_text("step_00000002")
+    assert ckpt.latest_checkpoint(str(root)) == str(root / "step_00000001")

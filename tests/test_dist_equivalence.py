@@ -1,0 +1,105 @@
+"""N gloo ranks with batch B each == one process with batch N*B.
+
+The whole method (regions tower with SGE + CGE image and text guides, BERT,
+momentum towers, queues, UTO) runs three SGD steps on two real gloo ranks,
+in both queue modes, and once in this process with the global batch. The
+queue wraps at the third step (8 keys per step, pool of 12). BatchNorm
+statistics are synchronised across ranks (model.sync_norm, the default), so
+the losses, every parameter's gradient at every step, the momentum towers
+and the queue pool agree to float32 tolerance. Dropout is off.
+"""
+import multiprocessing
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import free_port
+from dist_scripts.tiny_setup import train_steps
+
+WORLD, SIZE_PER_RANK = 2, 6
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    """One gloo rank: both queue modes; rank 0 saves the results."""
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+        for mode in ("replicated", "sharded"):
+            result = train_steps(mode, SIZE_PER_RANK, rank)
+            if rank == 0:
+                torch.save(result, f"{out}.{mode}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    os._exit(code)  # a forked child must not run the parent's pytest teardown
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("equiv") / "result")
+    port = free_port()
+    torch.set_num_threads(1)
+    # Forked ranks reuse this process's imports (BERT's takes ~10 s).
+    import transformers
+
+    transformers.BertModel  # noqa: B018 (resolves the lazy import before forking)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, port, out)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    single = train_steps("replicated", WORLD * SIZE_PER_RANK)  # one process, the global batch
+    for p in procs:
+        p.join(timeout=240)
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}); its traceback is in the captured stderr"
+    load = lambda mode: torch.load(f"{out}.{mode}.pt", weights_only=True)  # noqa: E731
+    return {"single": single, "replicated": load("replicated"), "sharded": load("sharded")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_loss_matches_one_process_with_the_global_batch(runs, mode):
+    torch.testing.assert_close(runs[mode]["losses"], runs["single"]["losses"], **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_every_gradient_matches_one_process_with_the_global_batch(runs, mode):
+    for step, (got, want) in enumerate(zip(runs[mode]["grads"], runs["single"]["grads"])):
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m: f"step {step} {name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_momentum_towers_match_after_the_updates(runs, mode):
+    want = runs["single"]["momentum"]
+    for name, value in runs[mode]["momentum"].items():
+        torch.testing.assert_close(value, want[name], **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_queue_pool_matches_slot_for_slot(runs, mode):
+    got, want = runs[mode], runs["single"]
+    assert (got["fill"], got["ptr"]) == (want["fill"], want["ptr"]) == (12, 0)
+    torch.testing.assert_close(got["pool"][2], want["pool"][2])
+    torch.testing.assert_close(got["pool"][0], want["pool"][0], **TOL)
+    torch.testing.assert_close(got["pool"][1], want["pool"][1], **TOL)
+
+
+@pytest.mark.slow
+def test_sharded_and_replicated_queues_give_the_same_loss_and_gradients(runs):
+    torch.testing.assert_close(runs["sharded"]["losses"], runs["replicated"]["losses"], **TOL)
+    for got, want in zip(runs["sharded"]["grads"], runs["replicated"]["grads"]):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL)

@@ -1,0 +1,120 @@
+"""Karpathy JSON + image folder -> jpg shards, on a generated COCO-style fixture."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_shards.__main__ import main
+from data_shards.karpathy import build_karpathy
+from data_shards.writer import BuildError
+from user_dist.data_format import decode_json, iter_raw_samples, load_manifest
+
+SPLITS = ["train", "restval", "val", "test", "test", "train", "test"]
+
+
+def jpeg(seed):
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """dataset_coco.json + train2014/ val2014/ folders, as distributed by Karpathy."""
+    images = []
+    for k, split in enumerate(SPLITS):
+        folder = "train2014" if split == "train" else "val2014"
+        name = f"COCO_{folder}_{k:012d}.jpg"
+        os.makedirs(tmp_path / "images" / folder, exist_ok=True)
+        (tmp_path / "images" / folder / name).write_bytes(jpeg(k))
+        images.append({"filepath": folder, "filename": name, "split": split, "cocoid": 1000 + k, "imgid": k,
+                       "sentences": [{"raw": f"Image {k}, caption {j}.", "tokens": []} for j in range(5)]})
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": images}))
+    return tmp_path, path
+
+
+def read(out):
+    manifest = load_manifest(str(out))
+    return [r for s in manifest.shards for r in iter_raw_samples(manifest.shard_path(s))]
+
+
+def test_round_trip_keeps_jpeg_bytes_captions_and_order(coco):
+    root, path = coco
+    build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), shard_size=2)
+    samples = read(root / "out")
+    ks = [k for k, s in enumerate(SPLITS) if s == "test"]
+    assert [r.key for r in samples] == ["coco_test_000000", "coco_test_000001", "coco_test_000002"]
+    for raw, k in zip(samples, ks):
+        meta = decode_json(raw)
+        assert meta == {"image_id": 1000 + k, "captions": [f"Image {k}, caption {j}." for j in range(5)],
+                        "split": "test", "source": "coco"}
+        assert raw.members["jpg"] == jpeg(k)
+    manifest = load_manifest(str(root / "out"))
+    assert manifest.members == ("jpg", "json") and manifest.num_samples == 3
+
+
+def test_restval_goes_to_train(coco):
+    root, path = coco
+    build_karpathy(str(path), str(root / "images"), "train", str(root / "out"))
+    assert [decode_json(r)["image_id"] for r in read(root / "out")] == [1000, 1001, 1005]
+
+
+def test_missing_image_is_named(coco):
+    root, path = coco
+    os.remove(root / "images" / "val2014" / "COCO_val2014_000000000003.jpg")
+    with pytest.raises(BuildError, match="missing image file for 'COCO_val2014_000000000003.jpg'"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+    assert not os.path.exists(root / "out" / "manifest.json")
+
+
+def test_unreadable_jpeg_is_named(coco):
+    root, path = coco
+    bad = root / "images" / "val2014" / "COCO_val2014_000000000004.jpg"
+    bad.write_bytes(jpeg(4)[:60])
+    with pytest.raises(BuildError, match="unreadable image file .*COCO_val2014_000000000004.jpg"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+
+
+def test_caption_count_other_than_five_names_the_image(coco):
+    root, path = coco
+    data = json.loads(path.read_text())
+    data["images"][3]["sentences"].append({"raw": "a sixth caption"})
+    data["images"][4]["sentences"].pop()
+    path.write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="'COCO_val2014_000000000003.jpg' has 6 captions.*--first-five"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+    with pytest.raises(BuildError, match="'COCO_val2014_000000000004.jpg' has 4 captions, expected 5$"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), first_five=True)
+
+
+def test_first_five_keeps_the_first_five_captions(coco):
+    root, path = coco
+    data = json.loads(path.read_text())
+    data["images"][3]["sentences"].append({"raw": "a sixth caption"})
+    path.write_text(json.dumps(data))
+    main(["karpathy", "--json", str(path), "--images", str(root / "images"), "--split", "val",
+          "--out", str(root / "out"), "--first-five"])
+    assert decode_json(read(root / "out")[0])["captions"] == [f"Image 2, caption {j}." for j in range(5)]
+
+
+def test_unknown_split_lists_the_splits_found(coco):
+    root, path = coco
+    with pytest.raises(BuildError, match="no image in split 'dev'; splits found: restval, test, train, val"):
+        build_karpathy(str(path), str(root / "images"), "dev", str(root / "out"))
+
+
+def test_flickr_layout_without_filepath(tmp_path):
+    (tmp_path / "flickr30k-images").mkdir()
+    (tmp_path / "flickr30k-images" / "1000092795.jpg").write_bytes(jpeg(0))
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"dataset": "flickr30k", "images": [
+        {"filename": "1000092795.jpg", "split": "test", "imgid": 7,
+         "sentences": [{"raw": f"c{j}"} for j in range(5)]}]}))
+    build_karpathy(str(path), str(tmp_path / "flickr30k-images"), "test", str(tmp_path / "out"))
+    [raw] = read(tmp_path / "out")
+    assert raw.key == "flickr30k_test_000000" and decode_json(raw)["image_id"] == 7

@@ -1,0 +1,122 @@
+"""Shard writing: atomic shards, manifest with checksums, refusal to overwrite, WebDataset compatibility."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_shards.__main__ import main
+from data_shards.writer import BuildError, SampleEncoder, ShardWriter, TarShard, sample_json
+from user_dist.data_format import iter_raw_samples, load_manifest, load_npy, verify_checksums
+
+ENCODER = SampleEncoder(["regions.npy"], {"regions.npy": {"dtype": "float16", "shape": [None, 4]}})
+
+
+def write_split(out, n=5, shard_size=2, **kw):
+    with ShardWriter(str(out), split="test", source="unit", encoder=ENCODER, shard_size=shard_size,
+                     build={"command": "unit"}, **kw) as w:
+        for k in range(n):
+            w.add(f"unit_test_{k:06d}", sample_json(k, [f"caption {k} {j}" for j in range(5)], "test", "unit"),
+                  {"regions.npy": np.full((k + 1, 4), k, dtype=np.float16)})
+
+
+def test_manifest_lists_every_shard_with_its_sha256_and_sample_count(tmp_path):
+    write_split(tmp_path)
+    manifest = load_manifest(str(tmp_path))
+    assert [s.name for s in manifest.shards] == ["unit-test-00000.tar", "unit-test-00001.tar", "unit-test-00002.tar"]
+    assert [s.num_samples for s in manifest.shards] == [2, 2, 1]
+    for shard in manifest.shards:
+        data = open(tmp_path / shard.name, "rb").read()
+        assert shard.sha256 == hashlib.sha256(data).hexdigest() and shard.bytes == len(data)
+    assert verify_checksums(manifest) == []
+    raw = json.load(open(tmp_path / "manifest.json"))
+    assert raw["num_samples"] == 5 and raw["split"] == "test" and raw["members"] == ["json", "regions.npy"]
+    assert raw["features"]["regions.npy"] == {"dtype": "float16", "shape": [None, 4]}
+    assert raw["tool_version"]
+
+
+def test_samples_round_trip_in_order(tmp_path):
+    write_split(tmp_path)
+    manifest = load_manifest(str(tmp_path))
+    samples = [r for s in manifest.shards for r in iter_raw_samples(manifest.shard_path(s))]
+    assert [r.key for r in samples] == [f"unit_test_{k:06d}" for k in range(5)]
+    assert json.loads(samples[3].members["json"])["captions"][4] == "caption 3 4"
+    np.testing.assert_array_equal(load_npy(samples[3].members["regions.npy"]), np.full((4, 4), 3, np.float16))
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    write_split(tmp_path / "a")
+    write_split(tmp_path / "b")
+    assert [s.sha256 for s in load_manifest(str(tmp_path / "a")).shards] == \
+        [s.sha256 for s in load_manifest(str(tmp_path / "b")).shards]
+
+
+def test_refuses_to_overwrite_existing_shards_unless_told(tmp_path):
+    write_split(tmp_path, n=3)
+    with pytest.raises(BuildError, match="already holds shards.*--overwrite"):
+        write_split(tmp_path, n=3)
+    write_split(tmp_path, n=1, overwrite=True)
+    assert load_manifest(str(tmp_path)).num_samples == 1
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "unit-test-00000.tar"]
+
+
+def test_failed_build_leaves_no_shard_and_no_manifest(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(str(tmp_path), split="test", source="unit", encoder=ENCODER, shard_size=2,
+                         build={}) as w:
+            for k in range(3):
+                w.add(f"k{k}", sample_json(k, ["c"] * 5, "test", "unit"),
+                      {"regions.npy": np.zeros((1, 4), np.float16)})
+            raise RuntimeError("input broke in the middle of the second shard")
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_shard_exists_only_under_a_hidden_temporary_name(tmp_path):
+    # A killed process stops between add() and finish(): nothing may look like a shard.
+    shard = TarShard(str(tmp_path / "unit-test-00000.tar"))
+    shard.add("k0", {"json": b"{}"})
+    names = os.listdir(tmp_path)
+    assert len(names) == 1 and names[0].startswith(".") and not names[0].endswith(".tar")
+    shard.finish()
+    assert os.listdir(tmp_path) == ["unit-test-00000.tar"]
+
+
+def test_encoder_rejects_samples_that_break_the_declared_layout():
+    meta = sample_json(0, ["c"] * 5, "test", "unit")
+    with pytest.raises(BuildError, match="dtype float32, expected float16"):
+        ENCODER.encode("k", meta, {"regions.npy": np.zeros((2, 4), np.float32)})
+    with pytest.raises(BuildError, match=r"shape \(2, 3\), expected \('R', 4\)"):
+        ENCODER.encode("k", meta, {"regions.npy": np.zeros((2, 3), np.float16)})
+    with pytest.raises(BuildError, match="must not contain '.'"):
+        ENCODER.encode("a.b", meta, {"regions.npy": np.zeros((2, 4), np.float16)})
+    with pytest.raises(BuildError, match="members"):
+        ENCODER.encode("k", meta, {})
+
+
+def test_webdataset_reads_our_shards(tmp_path):
+    import webdataset as wds
+
+    write_split(tmp_path, n=3, shard_size=3)
+    ds = wds.WebDataset(str(tmp_path / "unit-test-00000.tar"), shardshuffle=False)
+    samples = list(ds)
+    assert [s["__key__"] for s in samples] == [f"unit_test_{k:06d}" for k in range(3)]
+    assert json.loads(samples[2]["json"])["image_id"] == 2
+
+
+def test_cli_has_help_for_every_command(capsys):
+    out = subprocess.run([sys.executable, "-m", "data_shards", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
+    for command in ("karpathy", "precomp", "synthetic", "clip"):
+        assert command in out
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "--out" in capsys.readouterr().out
+
+
+def test_cli_reports_build_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["precomp", "--root", str(tmp_path), "--split", "test", "--out", str(tmp_path / "o")]) == 2
+    assert "missing file" in capsys.readouterr().err

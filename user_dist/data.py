@@ -1,0 +1,480 @@
+"""Shard readers: the training stream and the ordered evaluation stream.
+
+Training (:func:`train_loader`), for one epoch on one rank:
+
+1. the split's shards are shuffled with a seed shared by all ranks (seed, epoch),
+2. split by node (``shards[rank::world_size]``), then by loader worker
+   (``rank_shards[w::num_workers]``);
+3. each image expands into its 5 (image, caption) pairs, shuffled in a seeded
+   buffer of ``data.shuffle_buffer`` pairs;
+4. pairs are batched, captions augmented (seeded per batch) and tokenised.
+
+Every rank runs exactly ``floor(5 * images / (world_size * batch_size))``
+steps. The steps of a rank are shared among its workers in proportion to
+their pairs; a worker whose shards run out starts them again in a new order
+(a short rank repeats a few pairs, a long one drops a few), so no rank hangs
+or stops early. Batch ``g`` of an epoch depends only on (seed, epoch, rank,
+world_size, batch_size, num_workers, the shards), so a run resumed with
+``start_step=s`` yields exactly batches s, s+1, ... of the uninterrupted
+epoch: workers skip earlier batches without collating them, and the main
+process puts the workers' batches back in order.
+
+Evaluation (:func:`eval_loader`): rank r reads the contiguous image range
+``[r*N//W, (r+1)*N//W)`` of the split in source order, in batches of B images
+and their 5B captions, with ``image_index`` giving each image's position.
+
+Batch keys and shapes: docs/architecture.md. Decoding never unpickles.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import itertools
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from user_dist.config import ConfigError, DataConfig
+from user_dist.data_format import (CAPTIONS_PER_IMAGE, ErrorPolicy, Manifest, RawSample, ShardError, ShardInfo,
+                                   decode_json, decode_npy, image_id_to_int, iter_raw_samples, load_manifest,
+                                   member)
+from user_dist.tokenizer import CaptionEncoder
+
+log = logging.getLogger(__name__)
+
+# open_clip / OpenAI CLIP normalisation, matching the default jpg backbone.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Sample:
+    """One decoded image with its 5 captions."""
+
+    key: str
+    image_id: int
+    captions: List[str]
+    regions: Optional[np.ndarray] = None     # (R, F) float16, regions mode
+    image: Optional[np.ndarray] = None       # (S, S, 3) uint8, jpg mode
+    clip_image: Optional[np.ndarray] = None  # (D,) float16
+    clip_text: Optional[np.ndarray] = None   # (5, D) float16
+
+
+class SampleReader:
+    """Decodes one split's samples in the configured mode, applying the error policy."""
+
+    def __init__(self, manifest: Manifest, data_cfg: DataConfig):
+        need = "regions.npy" if data_cfg.mode == "regions" else "jpg"
+        if not manifest.has(need):
+            raise ShardError(f"{manifest.folder}: data.mode={data_cfg.mode} needs '{need}' members but these "
+                             f"shards hold {', '.join(manifest.members)}; point the config at the other shard "
+                             "folder or change data.mode")
+        self.manifest, self.mode, self.image_size = manifest, data_cfg.mode, data_cfg.image_size
+        self.clip = manifest.has("clip_image.npy")
+        self.policy = ErrorPolicy(data_cfg.on_error)
+
+    def decode(self, raw: RawSample) -> Sample:
+        meta = decode_json(raw)
+        try:
+            image_id = image_id_to_int(meta["image_id"])
+        except TypeError as exc:
+            raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json': {exc}") from exc
+        sample = Sample(raw.key, image_id, meta["captions"])
+        f = self.manifest.features
+        if self.mode == "regions":
+            sample.regions = decode_npy(raw, "regions.npy", f["regions.npy"])
+        else:
+            sample.image = self.decode_jpg(raw)
+        if self.clip:
+            sample.clip_image = decode_npy(raw, "clip_image.npy", f["clip_image.npy"])
+            sample.clip_text = decode_npy(raw, "clip_text.npy", f["clip_text.npy"])
+        return sample
+
+    def decode_jpg(self, raw: RawSample) -> np.ndarray:
+        from PIL import Image
+
+        size = self.image_size
+        try:
+            with Image.open(io.BytesIO(member(raw, "jpg"))) as im:
+                im.draft("RGB", (size, size))  # JPEG DCT scaling: decode at >= size, much faster
+                return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+        except ShardError:
+            raise
+        except Exception as exc:
+            raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'jpg' is not a readable image ({exc})") from exc
+
+    def raw_samples(self, shard: ShardInfo) -> Iterator[RawSample]:
+        """Undecoded samples of a shard; truncation and a wrong count go to the error policy."""
+        path = self.manifest.shard_path(shard)
+        count = 0
+        try:
+            for raw in iter_raw_samples(path):
+                count += 1
+                yield raw
+        except ShardError as exc:
+            self.policy(exc)
+            return
+        if count != shard.num_samples:
+            self.policy(ShardError(f"{path}: {count} samples, but {self.manifest.folder}/manifest.json says "
+                                   f"{shard.num_samples}; the shard is truncated or the manifest is stale"))
+
+    def samples(self, shard: ShardInfo) -> Iterator[Sample]:
+        for raw in self.raw_samples(shard):
+            try:
+                sample = self.decode(raw)
+            except ShardError as exc:
+                self.policy(exc)
+                continue
+            yield sample
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batcher:
+    """Turns decoded samples into the batch dicts of docs/architecture.md."""
+
+    def __init__(self, data_cfg: DataConfig, tokenizer, train: bool):
+        aug = data_cfg.caption_aug_prob if (train and data_cfg.caption_aug) else 0.0
+        self.text = CaptionEncoder(tokenizer, data_cfg.max_text_len, aug)
+        self.region_drop = data_cfg.region_drop_prob if train else 0.0
+        # (x / 255 - mean) / std  ==  x * scale - shift, per channel
+        self.scale = 1.0 / (255.0 * torch.tensor(IMAGE_STD).view(1, 3, 1, 1))
+        self.shift = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+
+    def image_part(self, samples: Sequence[Sample], rng: Optional[np.random.Generator]) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        if samples[0].regions is not None:
+            regions = [s.regions for s in samples]
+            if self.region_drop > 0 and rng is not None:
+                regions = [self.drop_regions(r, rng) for r in regions]
+            longest, dim = max(len(r) for r in regions), regions[0].shape[1]
+            # Fill a fresh (B, R, F) float32 tensor in place: one float16->float32 pass, and only the
+            # padding rows zeroed (a fresh large buffer costs page faults; avoid making two).
+            padded = torch.empty(len(regions), longest, dim)
+            mask = torch.zeros(len(regions), longest, dtype=torch.bool)
+            for k, r in enumerate(regions):
+                padded[k, :len(r)].copy_(_readonly_tensor(r))
+                padded[k, len(r):].zero_()
+                mask[k, :len(r)] = True
+            out["regions"], out["region_mask"] = padded, mask
+        else:
+            # (B, S, S, 3) uint8 -> (B, 3, S, S) float32 in one converting copy, then normalised in place
+            pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
+            images = torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels)
+            out["images"] = images.mul_(self.scale).sub_(self.shift)
+        if samples[0].clip_image is not None:
+            out["clip_image"] = torch.from_numpy(np.stack([s.clip_image for s in samples]).astype(np.float32))
+        out["image_ids"] = torch.tensor([s.image_id for s in samples], dtype=torch.int64)
+        return out
+
+    def drop_regions(self, regions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        keep = rng.random(len(regions)) >= self.region_drop
+        if not keep.any():
+            keep[int(rng.integers(len(regions)))] = True
+        return regions[keep]
+
+    def train_batch(self, pairs: Sequence[Tuple[Sample, int]], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        """B (sample, caption index) pairs -> one row per pair."""
+        samples = [s for s, _ in pairs]
+        batch = self.image_part(samples, rng)
+        batch["input_ids"], batch["attention_mask"] = self.text.encode([s.captions[c] for s, c in pairs], rng)
+        if samples[0].clip_text is not None:
+            batch["clip_text"] = torch.from_numpy(np.stack([s.clip_text[c] for s, c in pairs]).astype(np.float32))
+        return batch
+
+    def eval_batch(self, samples: Sequence[Sample], index: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """B images -> B image rows, 5B caption rows (image k: rows 5k..5k+4), image_index (B,)."""
+        batch = self.image_part(samples, None)
+        batch["input_ids"], batch["attention_mask"] = self.text.encode([c for s in samples for c in s.captions])
+        if samples[0].clip_text is not None:
+            batch["clip_text"] = torch.from_numpy(np.concatenate([s.clip_text for s in samples]).astype(np.float32))
+        batch["image_index"] = torch.tensor(list(index), dtype=torch.int64)
+        return batch
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor view of a read-only array (decoded straight from the tar bytes), only ever read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write to it
+        return torch.from_numpy(arr)
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream with a buffer of `size` items; drains (shuffled) when the stream ends."""
+    buf: List[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def in_order(numbered: Iterable[Tuple[int, Any]], start: int, stop: int) -> Iterator[Any]:
+    """Yield the items numbered start..stop-1 in order, whatever order the workers delivered them in."""
+    pending: Dict[int, Any] = {}
+    expected = start
+    for number, item in numbered:
+        pending[number] = item
+        while expected in pending:
+            out = pending.pop(expected)
+            expected += 1
+            if out is not None:
+                yield out
+    if expected != stop or pending:
+        raise RuntimeError(f"data workers delivered batches up to {expected} of {start}..{stop - 1}; "
+                           f"left over: {sorted(pending)}")
+
+
+def share(total: int, weights: Sequence[int]) -> List[int]:
+    """Split `total` into integer parts proportional to `weights` (largest remainder)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    parts = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda k: (parts[k] - exact[k], k))
+    for k in by_remainder[:total - sum(parts)]:
+        parts[k] += 1
+    return parts
+
+
+def round_robin(counts: Sequence[int]) -> List[int]:
+    """Worker of each batch: cycle over the workers that still have batches."""
+    order = []
+    for r in range(max(counts, default=0)):
+        order += [w for w, c in enumerate(counts) if c > r]
+    return order
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> Iterable[Any]:
+    if num_workers == 0:
+        return dataset
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and collate; leave the cores to the main process
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+# --------------------------------------------------------------------------- training stream
+
+
+@dataclass
+class TrainPlan:
+    """Which shards and batches each loader worker of one rank handles in one epoch."""
+
+    worker_shards: List[List[ShardInfo]]
+    schedule: List[int]  # worker of global batch g
+    batch_size: int
+    start_step: int
+    seed: int
+    epoch: int
+    rank: int
+    shuffle_buffer: int
+
+    def pairs(self, worker: int, reader: SampleReader) -> Iterator[Tuple[Sample, int]]:
+        """The worker's shuffled (sample, caption) pairs; starts its shards again when they run out."""
+        for repeat in itertools.count():
+            shards = list(self.worker_shards[worker])
+            tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}:{repeat}"
+            if repeat:
+                random.Random(f"reshuffle:{tag}").shuffle(shards)
+            expanded = ((s, c) for shard in shards for s in reader.samples(shard) for c in range(CAPTIONS_PER_IMAGE))
+            produced = 0
+            for pair in shuffle_buffer(expanded, self.shuffle_buffer, random.Random(f"buffer:{tag}")):
+                produced += 1
+                yield pair
+            if produced == 0:
+                raise ShardError(f"no readable sample in {[s.name for s in shards]} (all skipped as bad); "
+                                 "rebuild these shards")
+
+    def batches(self, worker: int, reader: SampleReader, batcher: Batcher) -> Iterator[Tuple[int, Any]]:
+        pairs = self.pairs(worker, reader)
+        for g in (g for g, w in enumerate(self.schedule) if w == worker):
+            chunk = list(itertools.islice(pairs, self.batch_size))
+            if g < self.start_step:
+                continue  # resuming: consume the pairs of batches already trained on, without collating
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, g, 7])
+            yield g, batcher.train_batch(chunk, rng)
+
+
+class _TrainWorkers(IterableDataset):
+    def __init__(self, plan: TrainPlan, reader: SampleReader, batcher: Batcher):
+        self.plan, self.reader, self.batcher = plan, reader, batcher
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        return self.plan.batches(_worker_id(), self.reader, self.batcher)
+
+
+class TrainStream:
+    """The batches of one epoch on one rank, from ``start_step`` on.
+
+    ``steps_per_epoch`` is the same on every rank; ``len(stream)`` is the
+    number of batches this stream yields (``steps_per_epoch - start_step``).
+    ``fingerprint`` lists what must not change for an exact resume; save it
+    with the checkpoint and compare on resume.
+    """
+
+    def __init__(self, dataset: _TrainWorkers, num_workers: int, steps_per_epoch: int, fingerprint: Dict[str, Any]):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.steps_per_epoch, self.start_step = steps_per_epoch, dataset.plan.start_step
+        self.fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return in_order(_loader(self.dataset, self.num_workers), self.start_step, self.steps_per_epoch)
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
+    """An epoch = every caption once: floor(5 * images / (world_size * batch_size))."""
+    return CAPTIONS_PER_IMAGE * num_images // (world_size * batch_size)
+
+
+def train_loader(data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int, world_size: int, epoch: int,
+                 seed: int, start_step: int = 0) -> TrainStream:
+    """The training stream of `epoch` on `rank` (module docstring), from batch `start_step` on.
+
+    Raises:
+        ConfigError: fewer shards than world_size x workers, or fewer pairs than one global batch.
+        ShardError: missing/invalid manifest, or shards without the members data.mode needs.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer exists
+    manifest = load_manifest(data_cfg.train_shards)
+    reader = SampleReader(manifest, data_cfg)
+    workers = max(1, data_cfg.num_workers)
+    shards = list(manifest.shards)
+    if len(shards) < world_size * workers:
+        raise ConfigError(f"data.train_shards '{manifest.folder}' has {len(shards)} shards, fewer than "
+                          f"world_size x data.num_workers = {world_size} x {workers} = {world_size * workers}; "
+                          "rebuild with a smaller --shard-size or lower data.num_workers")
+    steps = steps_per_epoch(manifest.num_samples, batch_size, world_size)
+    if steps == 0:
+        raise ConfigError(f"data.train_shards '{manifest.folder}' has {CAPTIONS_PER_IMAGE * manifest.num_samples} "
+                          f"pairs, fewer than one global batch ({world_size} x {batch_size})")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step {start_step} is outside the epoch's 0..{steps} steps")
+    random.Random(f"shards:{seed}:{epoch}").shuffle(shards)  # same order on every rank
+    mine = shards[rank::world_size]
+    worker_shards = [mine[w::workers] for w in range(workers)]
+    counts = share(steps, [sum(s.num_samples for s in ws) for ws in worker_shards])
+    plan = TrainPlan(worker_shards, round_robin(counts), batch_size, start_step, seed, epoch, rank,
+                     data_cfg.shuffle_buffer)
+    fingerprint = {"seed": seed, "world_size": world_size, "batch_size": batch_size, "num_workers": workers,
+                   "shuffle_buffer": data_cfg.shuffle_buffer, "mode": data_cfg.mode,
+                   "shards": hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()}
+    return TrainStream(_TrainWorkers(plan, reader, Batcher(data_cfg, tokenizer, train=True)),
+                       data_cfg.num_workers, steps, fingerprint)
+
+
+# --------------------------------------------------------------------------- evaluation stream
+
+
+class _Cursor:
+    """Reads samples of a split by source index, moving forward through the shards."""
+
+    def __init__(self, reader: SampleReader):
+        self.reader = reader
+        self.starts = list(itertools.accumulate([s.num_samples for s in reader.manifest.shards], initial=0))
+        self.shard, self.index = -1, 0  # self.raws yields the raw sample of source index self.index next
+        self.raws: Iterator[RawSample] = iter(())
+
+    def take(self, i: int) -> Optional[RawSample]:
+        """The raw sample at source index i (None if its shard was cut short and skipped)."""
+        shard = bisect.bisect_right(self.starts, i) - 1
+        if shard != self.shard or i < self.index:
+            self.shard, self.index = shard, self.starts[shard]
+            self.raws = self.reader.raw_samples(self.reader.manifest.shards[shard])
+        while self.index < i:  # samples of other ranks/workers: read past, never decoded
+            next(self.raws, None)
+            self.index += 1
+        self.index += 1
+        return next(self.raws, None)
+
+    def read(self, start: int, stop: int) -> Tuple[List[Sample], List[int]]:
+        samples, index = [], []
+        for i in range(start, stop):
+            raw = self.take(i)
+            if raw is None:
+                continue
+            try:
+                samples.append(self.reader.decode(raw))
+                index.append(i)
+            except ShardError as exc:
+                self.reader.policy(exc)
+        return samples, index
+
+
+class _EvalWorkers(IterableDataset):
+    def __init__(self, reader: SampleReader, batcher: Batcher, ranges: List[Tuple[int, int]], workers: int):
+        self.reader, self.batcher, self.ranges, self.workers = reader, batcher, ranges, workers
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        cursor = _Cursor(self.reader)
+        for k in range(_worker_id(), len(self.ranges), self.workers):
+            samples, index = cursor.read(*self.ranges[k])
+            yield k, (self.batcher.eval_batch(samples, index) if samples else None)
+
+
+class EvalStream:
+    """Ordered evaluation batches of one split on one rank.
+
+    Attributes:
+        num_images: images in the whole split (manifest).
+        image_range: (start, stop) source positions read by this rank.
+    """
+
+    def __init__(self, dataset: _EvalWorkers, num_workers: int, num_images: int, image_range: Tuple[int, int]):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.num_images, self.image_range = num_images, image_range
+
+    def __len__(self) -> int:
+        return len(self.dataset.ranges)
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return in_order(_loader(self.dataset, self.num_workers), 0, len(self.dataset.ranges))
+
+
+def num_images(shard_dir: str) -> int:
+    """Images in a split, from its manifest."""
+    return load_manifest(shard_dir).num_samples
+
+
+def eval_loader(shard_dir: str, data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int = 0,
+                world_size: int = 1) -> EvalStream:
+    """Ordered batches of B images + 5B captions; every image once across ranks and workers, no augmentation."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    manifest = load_manifest(shard_dir)
+    reader = SampleReader(manifest, data_cfg)
+    n = manifest.num_samples
+    start, stop = rank * n // world_size, (rank + 1) * n // world_size
+    ranges = [(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size)]
+    workers = max(1, min(data_cfg.num_workers, len(ranges)))
+    dataset = _EvalWorkers(reader, Batcher(data_cfg, tokenizer, train=False), ranges, workers)
+    return EvalStream(dataset, min(data_cfg.num_workers, len(ranges)), n, (start, stop))

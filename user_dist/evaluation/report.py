@@ -1,0 +1,155 @@
+"""What a person reads: a metrics table for the terminal and an HTML page.
+
+The page is self-contained (no network, no files beside it): the metrics per
+protocol, for a few test images their top-5 captions (correct ones marked),
+for a few captions their top-5 images (a thumbnail when the split has
+pictures, else the image's label and first caption), and recall@K curves for
+both directions as inline SVG. The examples are evenly spaced over the split,
+so the pages of successive checkpoints show the same queries.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, METRIC_KEYS, i2t_ranks, recall_curve, t2i_ranks
+
+TOP = 5
+CURVE_MAX_K = 50
+
+
+def format_table(results: Dict[str, dict]) -> str:
+    """A plain-text table, one row per protocol: recalls and rsum (percent), ranks."""
+    header = ["protocol", *METRIC_KEYS]
+    rows = [[p, *(f"{m[k]:.1f}" if k.endswith(("medr", "meanr")) else f"{m[k]:.2f}" for k in METRIC_KEYS)]
+            for p, m in results.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths))
+                     for r in [header, ["-" * w for w in widths], *rows])
+
+
+def example_queries(count: int, n: int) -> np.ndarray:
+    """``count`` indices spread evenly over 0..n-1 (the same for every checkpoint)."""
+    return np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
+
+
+def top_k(scores: np.ndarray, k: int = TOP) -> np.ndarray:
+    """Indices of the k highest scores, best first (ties: lower index first)."""
+    k = min(k, scores.shape[0])
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def _png_data_uri(thumb: np.ndarray) -> str:
+    """(3, H, W) uint8 -> data:image/png;base64,..."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(thumb.transpose(1, 2, 0))).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def recall_svg(curves: Dict[str, np.ndarray], width: int = 420, height: int = 260) -> str:
+    """Inline SVG of recall (percent) against K = 1..len(curve), one polyline per curve."""
+    pad, colors = 40, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+    max_k = max(len(c) for c in curves.values())
+    x = lambda k: pad + (width - 2 * pad) * (k - 1) / max(max_k - 1, 1)  # noqa: E731
+    y = lambda r: height - pad - (height - 2 * pad) * r / 100.0  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="recall at K">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{pad}" y1="{y(0)}" x2="{width - pad}" y2="{y(0)}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{y(0)}" x2="{pad}" y2="{y(100)}" stroke="black"/>']
+    for r in (0, 50, 100):
+        parts.append(f'<text x="{pad - 4}" y="{y(r) + 4}" font-size="10" text-anchor="end">{r}</text>')
+    for k in sorted({1, 5, 10, max_k}):
+        parts.append(f'<text x="{x(k):.1f}" y="{y(0) + 14}" font-size="10" text-anchor="middle">{k}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 6}" font-size="11" text-anchor="middle">K</text>')
+    for i, (name, curve) in enumerate(curves.items()):
+        pts = " ".join(f"{x(k + 1):.1f},{y(v):.1f}" for k, v in enumerate(curve))
+        color = colors[i % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}">'
+                     f'<title>{html.escape(name)}</title></polyline>')
+        parts.append(f'<text x="{pad + 8}" y="{pad + 14 * i}" font-size="11" fill="{color}">'
+                     f'{html.escape(name)}: R@1 {curve[0]:.1f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _image_cell(k: int, labels: Sequence[str], captions: Sequence[str], thumbs: Optional[np.ndarray]) -> str:
+    if thumbs is not None:
+        return f'<img src="{_png_data_uri(thumbs[k])}" alt="image {k}" title="{html.escape(labels[k])}">'
+    return (f"<b>{html.escape(labels[k])}</b><br><small>{html.escape(captions[CAPTIONS_PER_IMAGE * k])}"
+            "</small>")
+
+
+def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions: Sequence[str],
+                image_labels: Sequence[str], thumbnails: Optional[np.ndarray] = None,
+                examples: int = 5) -> str:
+    """The report page.
+
+    Args:
+        results: protocol -> metrics dict (METRIC_KEYS).
+        sims: (N, 5N) image x caption scores of the whole split.
+        captions: 5N caption texts; image_labels: N names (keys or "image #k").
+        thumbnails: (N, 3, h, w) uint8, or None when the split has no pictures.
+        examples: image queries and caption queries shown.
+    """
+    n = sims.shape[0]
+    if len(captions) != CAPTIONS_PER_IMAGE * n or len(image_labels) != n:
+        raise ValueError(f"report: {len(captions)} captions and {len(image_labels)} image labels given for a "
+                         f"{sims.shape} similarity matrix; expected {CAPTIONS_PER_IMAGE * n} and {n}")
+    esc = html.escape
+    out: List[str] = [
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "vertical-align:top}td.ok{background:#dff0d8}td.no{background:#fff}.q{background:#f4f4f4}</style>",
+        f"</head><body><h1>{esc(title)}</h1>",
+        "<h2>Metrics</h2>",
+        "<p>Recalls and rsum in percent; ranks 1-based. A wrong item tied with the correct one "
+        "counts as ranked above it.</p><table><tr><th>protocol</th>",
+        *(f"<th>{k}</th>" for k in METRIC_KEYS), "</tr>",
+    ]
+    for p, m in results.items():
+        out.append(f"<tr><td>{esc(p)}</td>" + "".join(f"<td>{m[k]:.2f}</td>" for k in METRIC_KEYS) + "</tr>")
+    out.append("</table>")
+
+    ri, rt = i2t_ranks(sims), t2i_ranks(sims)
+    curves = {"image to text": recall_curve(ri, min(CURVE_MAX_K, CAPTIONS_PER_IMAGE * (n - 1) + 1)),
+              "text to image": recall_curve(rt, min(CURVE_MAX_K, n))}
+    out += [f"<h2>Recall@K over the whole split ({n} images)</h2>", recall_svg(curves)]
+
+    out.append("<h2>Image to text: top-5 captions</h2><table>")
+    for k in example_queries(examples, n):
+        out.append(f'<tr><td class="q">{_image_cell(k, image_labels, captions, thumbnails)}'
+                   f"<br>rank of its best caption: {ri[k] + 1}</td>")
+        for j in top_k(sims[k]):
+            ok = j // CAPTIONS_PER_IMAGE == k
+            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}{esc(captions[j])}'
+                       f"<br><small>{sims[k, j]:.3f}</small></td>")
+        out.append("</tr>")
+    out.append("</table><h2>Text to image: top-5 images</h2><table>")
+    for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
+        out.append(f'<tr><td class="q">{esc(captions[j])}<br>rank of its image: {rt[j] + 1}</td>')
+        for k in top_k(sims[:, j]):
+            ok = k == j // CAPTIONS_PER_IMAGE
+            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}'
+                       f"{_image_cell(k, image_labels, captions, thumbnails)}"
+                       f"<br><small>{sims[k, j]:.3f}</small></td>")
+        out.append("</tr>")
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def write_report(path: str, *args, **kwargs) -> None:
+    """render_html(...) written atomically to ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_html(*args, **kwargs))
+    os.replace(tmp, path)

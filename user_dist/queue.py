@@ -1,0 +1,167 @@
+"""The negative queues: past key embeddings of both modalities, with image ids.
+
+One global ring buffer of P = world_size x size_per_rank slots per modality.
+Every step the keys of all ranks are all-gathered (rank order) and written
+at the ring pointer, wrapping at P (no divisibility assumption); the oldest
+entries are overwritten (FIFO). Slot s belongs to rank s // size_per_rank.
+
+- ``replicated``: every rank stores all P slots (like MoCo).
+- ``sharded``: a rank stores only its own size_per_rank slots; the loss over
+  the pool is computed distributed (user_dist.loss), so per-rank memory is
+  constant as the cluster grows. Both modes hold the same pool, slot for slot.
+
+Entries are written in order from slot 0, so the filled slots are always the
+global prefix [0, fill): empty slots are simply never read. Pointer and fill
+level are host integers that follow from the batch shapes alone, so nothing
+here waits for the device.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+
+from user_dist.config import QueueConfig
+from user_dist.distributed import all_gather_nograd, rank, world_size
+
+MODES = ("replicated", "sharded")
+
+
+class NegativeQueues:
+    """Image and text key queues (fp32) with their image ids.
+
+    Args:
+        cfg: queue.size_per_rank and queue.mode.
+        embed_size: E, the embedding size.
+        device: where the entries live (the engine's device).
+    """
+
+    def __init__(self, cfg: QueueConfig, embed_size: int, device: Union[str, torch.device] = "cpu"):
+        if cfg.mode not in MODES:
+            raise ValueError(f"queue.mode is '{cfg.mode}'; valid choices: {', '.join(MODES)}")
+        self.mode, self.size_per_rank, self.embed_size = cfg.mode, cfg.size_per_rank, embed_size
+        self.world, self.rank = world_size(), rank()
+        self.pool_size = self.world * self.size_per_rank  # P
+        # Global slots held here: [offset, offset + local).
+        self.local = self.pool_size if self.mode == "replicated" else self.size_per_rank
+        self.offset = 0 if self.mode == "replicated" else self.rank * self.size_per_rank
+        self.image = torch.zeros(self.local, embed_size, device=device)  # (local, E)
+        self.text = torch.zeros(self.local, embed_size, device=device)  # (local, E)
+        self.ids = torch.full((self.local,), -1, dtype=torch.long, device=device)  # (local,), -1 = empty
+        self.ptr = 0  # next global slot to write
+        self.fill = 0  # filled global slots: [0, fill)
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "sharded"
+
+    def to(self, device) -> "NegativeQueues":
+        self.image, self.text, self.ids = self.image.to(device), self.text.to(device), self.ids.to(device)
+        return self
+
+    def entries(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filled slots held by this rank: image (V, E), text (V, E), ids (V,)."""
+        v = min(max(self.fill - self.offset, 0), self.local)
+        return self.image[:v], self.text[:v], self.ids[:v]
+
+    @torch.no_grad()
+    def enqueue(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor) -> None:
+        """Write this step's keys of every rank: img_k, txt_k (B, E), image_ids (B,).
+
+        Collective: every rank must call it with the same B.
+        """
+        img = all_gather_nograd(img_k.detach().float())  # (W*B, E)
+        txt = all_gather_nograd(txt_k.detach().float())
+        ids = all_gather_nograd(image_ids.to(self.ids.device, torch.long))
+        n = img.shape[0]
+        if n > self.pool_size:
+            raise ValueError(f"{n} keys per step (world {self.world} x batch {img_k.shape[0]}) do not fit a pool "
+                             f"of {self.pool_size}; raise queue.size_per_rank to at least train.batch_size")
+        # Split the ring write [ptr, ptr + n) at the wrap, then keep what lies in [offset, offset + local).
+        start = 0
+        for lo in (self.ptr, 0) if self.ptr + n > self.pool_size else (self.ptr,):
+            hi = min(lo + n - start, self.pool_size)
+            a, b = max(lo, self.offset), min(hi, self.offset + self.local)
+            if a < b:
+                src = slice(start + a - lo, start + b - lo)
+                self.image[a - self.offset:b - self.offset] = img[src]
+                self.text[a - self.offset:b - self.offset] = txt[src]
+                self.ids[a - self.offset:b - self.offset] = ids[src]
+            start += hi - lo
+        self.ptr = (self.ptr + n) % self.pool_size
+        self.fill = min(self.fill + n, self.pool_size)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> Dict[str, object]:
+        """This rank's slots and the ring's position: tensors and ints only."""
+        return {"image": self.image.clone(), "text": self.text.clone(), "ids": self.ids.clone(),
+                "ptr": self.ptr, "fill": self.fill, "mode": self.mode, "world_size": self.world,
+                "rank": self.rank, "size_per_rank": self.size_per_rank}
+
+    def load_state_dict(self, state: Union[Dict[str, object], Sequence[Dict[str, object]]]) -> None:
+        """Restore from this rank's own state, or redistribute from every rank's.
+
+        Same world size, size and mode: pass this rank's state. Otherwise pass
+        the list of all ranks' states (rank order, the ranks of the job that
+        saved them): the newest min(fill, new pool size) entries are laid out
+        afresh in the new ring, in FIFO order. A single state that does not
+        match this job raises ValueError saying so.
+        """
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        first = states[0]
+        same = (first["world_size"] == self.world and first["size_per_rank"] == self.size_per_rank
+                and first["mode"] == self.mode)
+        if same and len(states) == 1:
+            self._check_layout(first)
+            dev = self.image.device
+            self.image.copy_(first["image"].to(dev))
+            self.text.copy_(first["text"].to(dev))
+            self.ids.copy_(first["ids"].to(dev))
+            self.ptr, self.fill = int(first["ptr"]), int(first["fill"])
+            return
+        if same:  # every rank's states, same layout: take this rank's own
+            return self.load_state_dict(states[self.rank] if self.mode == "sharded" else first)
+        image, text, ids = self._fifo_pool(states)
+        self._lay_out(image, text, ids)
+
+    def _check_layout(self, s: Dict[str, object]) -> None:
+        if s["image"].shape != self.image.shape or s["ids"].shape != self.ids.shape:
+            raise ValueError(f"queue state of shape {tuple(s['image'].shape)} does not match this queue "
+                             f"{tuple(self.image.shape)}")
+        if self.mode == "sharded" and s["rank"] != self.rank:
+            raise ValueError(f"sharded queue state of rank {s['rank']} loaded on rank {self.rank}")
+
+    @staticmethod
+    def _fifo_pool(states: List[Dict[str, object]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every rank's states -> the filled pool, oldest first: (V, E), (V, E), (V,)."""
+        s0 = states[0]
+        world, spr = int(s0["world_size"]), int(s0["size_per_rank"])
+        if s0["mode"] == "sharded":
+            if len(states) != world:
+                raise ValueError(f"redistributing a sharded queue needs the states of all {world} ranks that "
+                                 f"saved it, got {len(states)}; pass the list of every rank's queue state")
+            states = sorted(states, key=lambda s: s["rank"])
+            cat = lambda k: torch.cat([s[k].cpu() for s in states])  # noqa: E731
+            image, text, ids = cat("image"), cat("text"), cat("ids")
+        else:
+            image, text, ids = s0["image"].cpu(), s0["text"].cpu(), s0["ids"].cpu()
+        pool, ptr, fill = world * spr, int(s0["ptr"]), int(s0["fill"])
+        order = torch.arange(fill) if fill < pool else (torch.arange(pool) + ptr) % pool
+        return image[order], text[order], ids[order]
+
+    def _lay_out(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        """Fill the ring afresh from entries oldest first, keeping the newest."""
+        keep = min(ids.shape[0], self.pool_size)
+        first = ids.shape[0] - keep
+        image, text, ids = image[first:], text[first:], ids[first:]
+        a, b = self.offset, min(self.offset + self.local, keep)
+        dev = self.image.device
+        self.image.zero_()
+        self.text.zero_()
+        self.ids.fill_(-1)
+        if a < b:
+            self.image[:b - a] = image[a:b].to(dev)
+            self.text[:b - a] = text[a:b].to(dev)
+            self.ids[:b - a] = ids[a:b].to(dev)
+        self.ptr, self.fill = keep % self.pool_size, keep
