@@ -34,7 +34,8 @@ test-fast: $(STAMP)
 
 DEMO_DATA := data/synthetic
 shards: $(STAMP)
-	$(VPY) -m data_shards synthetic --out $(DEMO_DATA) --skip-existing
+	@# 256-d region features: the demo model's size (configs/synthetic.yaml model.region_dim).
+	$(VPY) -m data_shards synthetic --out $(DEMO_DATA) --region-dim 256 --skip-existing
 
 demo: shards
 	bash launch/demo.sh

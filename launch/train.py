@@ -46,7 +46,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, check_paths=True, sources={"data.train_shards": args.config or "default value",
                                                  "data.val_shards": args.config or "default value"})
-    except ConfigError as exc:
+        if not args.print_config:
+            from user_dist.data import check_model_fits
+
+            check_model_fits(cfg.data, cfg.model)
+    except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:

@@ -266,8 +266,12 @@ def round_robin(counts: Sequence[int]) -> List[int]:
 def _loader(dataset: IterableDataset, num_workers: int) -> Iterable[Any]:
     if num_workers == 0:
         return dataset
+    # A private generator: DataLoader otherwise draws its workers' base seed
+    # from the global torch RNG each time an iterator starts, which would shift
+    # the training step's dropout stream between a resumed and an
+    # uninterrupted run. (All data randomness is seeded explicitly anyway.)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
 
 
 def _worker_init(_: int) -> None:
@@ -478,3 +482,32 @@ def eval_loader(shard_dir: str, data_cfg: DataConfig, tokenizer, batch_size: int
     workers = max(1, min(data_cfg.num_workers, len(ranges)))
     dataset = _EvalWorkers(reader, Batcher(data_cfg, tokenizer, train=False), ranges, workers)
     return EvalStream(dataset, min(data_cfg.num_workers, len(ranges)), n, (start, stop))
+
+
+def check_model_fits(data_cfg: DataConfig, model_cfg) -> None:
+    """Fail at start-up when the shards' feature sizes disagree with the model config.
+
+    Raises:
+        ConfigError: naming the config key, the manifest and both sizes.
+    """
+    for key in ("train_shards", "val_shards"):
+        manifest = load_manifest(getattr(data_cfg, key))
+        if data_cfg.mode == "regions":
+            if not manifest.has("regions.npy"):
+                raise ConfigError(f"data.{key} '{manifest.folder}' holds no regions.npy (members: "
+                                  f"{', '.join(manifest.members)}); use data.mode=jpg or region shards")
+            dim = manifest.feature_dim("regions.npy")
+            if dim != model_cfg.region_dim:
+                raise ConfigError(f"model.region_dim is {model_cfg.region_dim} but the regions in "
+                                  f"{manifest.folder}/manifest.json have {dim} features; set model.region_dim={dim}")
+        elif not manifest.has("jpg"):
+            raise ConfigError(f"data.{key} '{manifest.folder}' holds no jpg images; use data.mode=regions")
+        if model_cfg.gse.kind in ("cge", "both") and model_cfg.gse.clip_source == "shards":
+            if not manifest.has("clip_image.npy"):
+                raise ConfigError(f"model.gse.kind={model_cfg.gse.kind} reads CLIP features from the shards, but "
+                                  f"{manifest.folder} has no clip_image.npy; add them with `python -m data_shards "
+                                  "clip` or set model.gse.clip_source=online")
+            dim = manifest.feature_dim("clip_image.npy")
+            if dim != model_cfg.gse.clip_dim:
+                raise ConfigError(f"model.gse.clip_dim is {model_cfg.gse.clip_dim} but {manifest.folder} holds "
+                                  f"{dim}-d CLIP features; set model.gse.clip_dim={dim}")

@@ -273,8 +273,9 @@ class Trainer:
                     if t.validate_every_epochs and self.pos.epoch % t.validate_every_epochs == 0:
                         self.validate()
                     self.save()
-                elif self.pos.step >= self.total_steps:
-                    self.save()
+                elif self.pos.step >= self.total_steps and not (
+                        t.ckpt_every_steps and self.pos.step % t.ckpt_every_steps == 0):
+                    self.save()  # unless this very step was just saved
         except StopRequested:
             log.warning("stop requested: saving a checkpoint at step %d and exiting", self.pos.step)
             self.save()

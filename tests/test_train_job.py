@@ -1,0 +1,199 @@
+"""The training job for real: 2 CPU ranks, DeepSpeed engine, shards on disk.
+
+A tiny synthetic set (96 train images, 10 steps per epoch at 2 x 24) and a
+tiny model keep each run to seconds after DeepSpeed's start-up.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, child_env, free_port
+from user_dist import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run([PYTHON, "-m", "data_shards", "synthetic", "--out", str(out), "--train-images", "96",
+                    "--val-images", "40", "--test-images", "40", "--region-dim", "32", "--shard-size", "24",
+                    "--modes", "regions"], check=True, cwd=ROOT, env=child_env(), capture_output=True)
+    return out / "shards" / "regions"
+
+
+def tiny_overrides(shards, run_root, name, **extra):
+    ov = {
+        "data.train_shards": shards / "train", "data.val_shards": shards / "val",
+        "data.test_shards": shards / "test", "data.num_workers": 1, "data.shuffle_buffer": 50,
+        "model.embed_size": 32, "model.region_dim": 32, "model.mlp_hidden": 32,
+        "model.gpo_pe_dim": 8, "model.gpo_hidden": 8,
+        "model.text.hidden_size": 32, "model.text.num_layers": 1, "model.text.num_heads": 2,
+        "model.text.intermediate_size": 64, "model.text.max_position": 64, "model.text.lr_mult": 1.0,
+        "queue.size_per_rank": 64, "train.batch_size": 24, "train.epochs": 2, "train.precision": "fp32",
+        "train.log_every": 1, "train.run_root": run_root, "train.run_name": name, "train.dist_timeout_s": 60,
+        "optim.decay_epochs": "[1]", "eval.protocols": "[generic]", "eval.batch_size": 20,
+    }
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def start(launcher, overrides, **popen):
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, TRAIN, *overrides]
+    else:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, TRAIN,
+               *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+def run(launcher, overrides, timeout=400):
+    proc = start(launcher, overrides)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def losses(run_dir):
+    """step -> logged train/loss (the last line wins: a resumed run rewrites steps)."""
+    out = {}
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def final_state(run_dir):
+    last = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    model = torch.load(os.path.join(last, "model_fp32.pt"), weights_only=True)
+    momentum = torch.load(os.path.join(last, "momentum.pt"), weights_only=True)
+    queues = [torch.load(os.path.join(last, "user_state", f"rank_{r:05d}.pt"), weights_only=True)["queue"]
+              for r in (0, 1)]
+    return ckpt.load_meta(last), model, momentum, queues
+
+
+def assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+        else:
+            assert a[k] == b[k], f"{what}: {k} differs"
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
+    """2 ranks, 12 steps across an epoch boundary (10 steps/epoch) with a
+    validation, vs the same run killed (SIGKILL) after its step-6 checkpoint
+    and resumed: identical per-step losses, weights, momentum towers, queues."""
+    common = {"train.deterministic": "true", "train.ckpt_every_steps": 6, "train.max_steps": 12}
+    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "full", **common))
+    assert code == 0, out[-3000:]
+
+    proc = start("torchrun", tiny_overrides(shards, tmp_path, "cut", **common))
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if "saved checkpoint" in line and "step_00000006" in line:
+            break
+        assert time.time() < deadline, "no step-6 checkpoint"
+    # torchrun's workers run in sessions of their own: kill every process of this run.
+    subprocess.run(["pkill", "-9", "-f", f"train.run_root={tmp_path} "])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cut_dir = tmp_path / "cut"
+    assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
+
+    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "cut", **common, **{"train.resume": "auto"}))
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and "at step 6 " in out, "\n".join(l for l in out.splitlines() if "INFO" in l)
+
+    full, cut = losses(tmp_path / "full"), losses(cut_dir)
+    assert sorted(full) == list(range(1, 13)) and sorted(cut) == list(range(1, 13))
+    assert [full[s] for s in range(1, 13)] == [cut[s] for s in range(1, 13)]
+    meta_a, model_a, mom_a, q_a = final_state(tmp_path / "full")
+    meta_b, model_b, mom_b, q_b = final_state(cut_dir)
+    assert meta_a["step"] == meta_b["step"] == 12 and meta_a["epoch"] == meta_b["epoch"] == 1
+    assert_same_tensors(model_a, model_b, "online towers")
+    assert_same_tensors(mom_a, mom_b, "momentum towers")
+    for r in (0, 1):
+        assert_same_tensors(q_a[r], q_b[r], f"queue shard of rank {r}")
+    # The run did learn something and validated at the epoch boundary.
+    assert full[12] < full[1]
+    with open(tmp_path / "full" / "train_log.jsonl") as f:
+        assert any("val/rsum" in json.loads(line) for line in f)
+
+
+def test_preemption_signal_checkpoints_and_exits_zero(shards, tmp_path):
+    proc = start("deepspeed", tiny_overrides(shards, tmp_path, "pre", **{"train.epochs": 50}))
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if "INFO step 3/" in line:
+            break
+        assert time.time() < deadline, "training did not start"
+    # SLURM sends the signal to every task of the step (srun --signal / scancel -s USR1).
+    # The ranks (not the launchers) carry the --local_rank the deepspeed launcher appends.
+    ranks = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "train.py --local_rank"], capture_output=True,
+                           text=True).stdout.split()
+    ranks = [int(p) for p in ranks]
+    assert len(ranks) == 2
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    latest = ckpt.latest_checkpoint(str(tmp_path / "pre" / "checkpoints"))
+    step = ckpt.load_meta(latest)["step"]
+    assert 3 <= step < 50 * 10
+    # A requeued job picks it up.
+    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "pre", **{"train.epochs": 50,
+                                                                           "train.max_steps": step + 2,
+                                                                           "train.resume": "auto"}))
+    assert code == 0, out[-3000:]
+    assert f"step {step}" in out and ckpt.load_meta(ckpt.latest_checkpoint(
+        str(tmp_path / "pre" / "checkpoints")))["step"] == step + 2
+
+
+def test_bf16_zero2_sharded_accumulation_run_and_evaluate(shards, tmp_path):
+    """The other corners of the config space run end to end on 2 ranks, and the
+    evaluation job reads the checkpoint."""
+    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "corner", **{
+        "train.precision": "bf16", "train.zero_stage": 2, "queue.mode": "sharded", "train.grad_accum": 2,
+        "train.batch_size": 12, "train.max_steps": 4, "model.gse.kind": "sge"}))
+    assert code == 0, out[-3000:]
+    last = ckpt.latest_checkpoint(str(tmp_path / "corner" / "checkpoints"))
+    assert os.path.basename(last) == "step_00000004"
+    r = subprocess.run([PYTHON, os.path.join(ROOT, "launch", "evaluate.py"), "--checkpoint", last,
+                        "eval.protocols=[generic]"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.load(open(tmp_path / "corner" / "eval" / "step_00000004" / "metrics.json"))
+    assert 0 <= metrics["generic"]["rsum"] <= 600
+
+
+def test_fresh_start_refuses_an_existing_run(shards, tmp_path):
+    (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
+    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(shards, tmp_path, "taken")], cwd=ROOT, env=child_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "refusing to overwrite" in r.stderr and "train.resume=auto" in r.stderr
+
+
+def test_non_finite_losses_stop_with_a_clear_message(shards, tmp_path):
+    # A learning rate this large blows the weights up after the first steps.
+    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "nan", **{
+        "optim.lr": 1e38, "train.max_nonfinite_in_a_row": 3}))
+    assert code != 0
+    assert "non-finite losses in a row" in out
+    assert out.count("non-finite loss at step") >= 3
