@@ -11,6 +11,8 @@ STAMP   := $(VENV)/.installed
 # that venvs never overwrite each other's builds and a rebuild is not needed.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export PYTHONPATH := $(abspath .)
+# The venv's tools first (its ninja builds DeepSpeed's op; see TORCH_EXTENSIONS_DIR).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-fast demo shards clean-demo docs

@@ -210,6 +210,7 @@ class RunRecorder:
         self.eval_dir = os.path.join(run_dir, "eval")
         self.state_path = os.path.join(self.eval_dir, "state.json")
         self.state = {"evaluated": {}, "failed": {}}
+        self._writer = None
         if os.path.isfile(self.state_path):
             try:
                 with open(self.state_path) as f:
@@ -237,14 +238,17 @@ class RunRecorder:
 
         os.makedirs(self.out_dir(tag), exist_ok=True)
         _atomic_json(os.path.join(self.out_dir(tag), "metrics.json"), {"tag": tag, "step": step, **results})
-        writer = SummaryWriter(os.path.join(self.run_dir, "tb", "eval"))
-        try:
-            for protocol, metrics in results.items():
-                for key, value in metrics.items():
-                    if key != "folds":
-                        writer.add_scalar(f"eval/{protocol}/{key}", value, step)
-        finally:
-            writer.close()
+        # One writer (one event file) for the job's lifetime: event files are
+        # read in name order, and a new writer per checkpoint names its file
+        # with a process-wide counter (…9 sorts after …10), so TensorBoard
+        # would skip the later files' scalars.
+        if self._writer is None:
+            self._writer = SummaryWriter(os.path.join(self.run_dir, "tb", "eval"))
+        for protocol, metrics in results.items():
+            for key, value in metrics.items():
+                if key != "folds":
+                    self._writer.add_scalar(f"eval/{protocol}/{key}", value, step)
+        self._writer.flush()
         protocol = next(iter(results))
         rsum = results[protocol]["rsum"]
         best_path = os.path.join(self.eval_dir, "best.json")

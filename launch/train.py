@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg, run_dir, resume_from)
     try:
         pos = trainer.fit()
+    except FloatingPointError as exc:  # every rank agrees on it (the finiteness flag is all-reduced)
+        log.error("%s", exc)
+        return 1
     finally:
         trainer.close()
     log.info("done: step %d, epoch %d, %d non-finite micro-batches skipped", pos.step, pos.epoch,

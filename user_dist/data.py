@@ -276,6 +276,13 @@ def _loader(dataset: IterableDataset, num_workers: int) -> Iterable[Any]:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and collate; leave the cores to the main process
+    # SLURM delivers preemption signals to every process of the step. The
+    # rank checkpoints and exits on them; its loader workers must not die
+    # first (they stop with their rank).
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _worker_id() -> int:

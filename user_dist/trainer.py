@@ -74,49 +74,52 @@ def _float_inputs_to(batch: Dict[str, torch.Tensor], device: torch.device, dtype
     return out
 
 
-class Trainer:
-    def __init__(self, cfg: Config, run_dir: str, resume_from: str = ""):
-        from .data import train_loader
+def _parse_fault(spec: str) -> Dict[int, int]:
+    """``USER_DIST_FAULT_NAN=STEP:COUNT[,STEP:COUNT]``: a test hook that makes the
+    loss of the next COUNT micro-batches at optimiser step STEP non-finite, to
+    exercise the skip-and-stop path for real (docs/training.md)."""
+    out: Dict[int, int] = {}
+    for item in filter(None, spec.split(",")):
+        step, _, count = item.partition(":")
+        out[int(step)] = int(count or 1)
+    return out
+
+
+class TrainStep:
+    """The objects of one training step and the micro-step itself: DeepSpeed
+    engine around the online towers, fp32 key towers, queues, UTO.
+
+    Needs no data stream, run folder or monitor, so that launch/benchmark.py
+    runs exactly the step that launch/train.py runs.
+
+    Args:
+        steps_per_epoch, total_steps: optimiser steps, for the lr schedule.
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
+        import deepspeed
+
         from .loss import uto_loss
         from .models import build_model
         from .momentum import MomentumTowers
         from .queue import NegativeQueues
-        from .tokenizer import build_tokenizer
 
-        import deepspeed
-
-        self.cfg, self.run_dir = cfg, run_dir
-        self._train_loader, self._uto_loss = train_loader, uto_loss
-        self.rank, self.world = du.rank(), du.world_size()
-        t = cfg.train
+        t, o = cfg.train, cfg.optim
+        self.cfg, self.world = cfg, du.world_size()
+        self._uto_loss = uto_loss
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         # Same seed on every rank: identical initial towers (DeepSpeed broadcasts
         # parameters, not buffers) and identical momentum copies.
         torch.manual_seed(t.seed)
-        self.tokenizer = build_tokenizer(cfg.model.text)
         model = build_model(cfg.model, cfg.data.mode)
         du.broadcast_module_state(model)
-        # The key towers are copied in fp32 before DeepSpeed casts the module.
+        # The key towers are copied in fp32 before DeepSpeed wraps the module.
         self.momentum = MomentumTowers(model, cfg.queue)
-
-        first = self._stream(0)
-        self.data_fingerprint = first.fingerprint
-        # Micro-batches per epoch are equal on every rank; an optimiser step is grad_accum of them.
-        self.steps_per_epoch = first.steps_per_epoch // t.grad_accum
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
-                             f"({self.world} ranks x {t.batch_size} x {t.grad_accum}); lower train.batch_size")
-        self.total_steps = self.steps_per_epoch * t.epochs
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, t.max_steps)
-
-        o = cfg.optim
-        groups = model.param_groups(o)
         fused = torch.cuda.is_available()  # the fused kernel exists on CUDA only
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, fused=fused or None)
-        scheduler = build_scheduler(optimizer, o, self.steps_per_epoch, self.total_steps)
+        scheduler = build_scheduler(optimizer, o, steps_per_epoch, total_steps)
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
@@ -128,19 +131,84 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.momentum.to(self.device)
         self.queue = NegativeQueues(cfg.queue, cfg.model.embed_size, self.device)
+        self._fault_nan = _parse_fault(os.environ.get("USER_DIST_FAULT_NAN", ""))
+
+    def micro_step(self, batch: Dict[str, Any], step: int = 0,
+                   grad_norm: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """Forward + backward of one micro-batch at optimiser step ``step``.
+
+        Returns the loss statistics (with ``grad_norm``, the global gradient
+        norm before clipping, as a tensor), or None when the loss was not
+        finite on some rank (then no rank stepped).
+        """
+        b = _float_inputs_to(batch, self.device, self.dtype)
+        img, txt = self.engine(b)
+        with torch.no_grad(), self.autocast:
+            img_k, txt_k = self.momentum.encode(_float_inputs_to(batch, self.device, torch.float32))
+        loss, stats = self._uto_loss(img.float(), txt.float(), img_k, txt_k, b["image_ids"], self.queue,
+                                     self.cfg.loss)
+        if self._fault_nan.get(step, 0) > 0:  # fault injection (tests): see _parse_fault
+            self._fault_nan[step] -= 1
+            loss = loss * float("nan")
+        # Every rank must agree on skipping, or collectives would mismatch.
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            return None
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        stats = dict(stats)
+        if grad_norm and boundary and self.cfg.train.zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips but keeps no norm; the gradients are
+            # already averaged over ranks here (all-reduced in backward).
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            stats["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.engine.step()
+        if boundary:
+            self.momentum.update(self.engine.module)
+        self.queue.enqueue(img_k, txt_k, b["image_ids"])
+        stats["loss"] = loss.detach()
+        return stats
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, resume_from: str = ""):
+        from .data import train_loader
+        from .tokenizer import build_tokenizer
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self._train_loader = train_loader
+        self.rank, self.world = du.rank(), du.world_size()
+        t = cfg.train
+        self.tokenizer = build_tokenizer(cfg.model.text)
+        first = self._stream(0)
+        self.data_fingerprint = first.fingerprint
+        # Micro-batches per epoch are equal on every rank; an optimiser step is grad_accum of them.
+        self.steps_per_epoch = first.steps_per_epoch // t.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
+                             f"({self.world} ranks x {t.batch_size} x {t.grad_accum}); lower train.batch_size")
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+        self.step_fn = TrainStep(cfg, self.steps_per_epoch, self.total_steps)
+        self.engine, self.momentum, self.queue = self.step_fn.engine, self.step_fn.momentum, self.step_fn.queue
+        self.device = self.step_fn.device
 
         self.pos = Position()
+        self.best_rsum = float("-inf")
+        self.best_tag = ""
         if resume_from:
             self._restore(resume_from)
-        # Per-rank seed for dropout and augmentation from here on, so that
-        # ranks see different noise (restored RNG states take precedence).
-        elif t.seed is not None:
+        else:
+            # Per-rank seed for dropout from here on, so that ranks see
+            # different noise (a resume restores the saved RNG states instead).
             torch.manual_seed(t.seed + 1000 * self.rank + 1)
 
         self.monitor = Monitor(run_dir, du.is_main(), self.total_steps)
         self.monitor.text("config", "```\n" + to_yaml(cfg) + "\n```")
-        self.best_rsum = float("-inf")
-        self.best_tag = ""
         self.signals = _Signals()
 
     # ----------------------------------------------------------------- data
@@ -166,7 +234,7 @@ class Trainer:
             log.warning("resuming %s with a different data stream (%s changed): the run continues, but not "
                         "exactly where it stopped", path, ", ".join(changed))
         self.pos = Position(m["step"], m["epoch"], m["step_in_epoch"], m.get("skipped_nonfinite", 0))
-        self.best_rsum = m.get("best_rsum", float("-inf"))
+        self.best_rsum = m.get("best_rsum") if m.get("best_rsum") is not None else float("-inf")
         self.best_tag = m.get("best_tag", "")
         log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.pos.step,
                  self.pos.epoch, self.pos.step_in_epoch)
@@ -187,30 +255,6 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- step
-
-    def _micro_step(self, batch: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
-        """Forward + backward of one micro-batch; None when the loss was not finite."""
-        b = _float_inputs_to(batch, self.device, self.dtype)
-        img, txt = self.engine(b)
-        with torch.no_grad(), self.autocast:
-            img_k, txt_k = self.momentum.encode(_float_inputs_to(batch, self.device, torch.float32))
-        loss, stats = self._uto_loss(img.float(), txt.float(), img_k, txt_k, b["image_ids"], self.queue,
-                                     self.cfg.loss)
-        # Every rank must agree on skipping, or collectives would mismatch.
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
-            return None
-        self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if boundary:
-            self.momentum.update(self.engine.module)
-        self.queue.enqueue(img_k, txt_k, b["image_ids"])
-        stats = dict(stats)
-        stats["loss"] = loss.detach()
-        return stats
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([int(self.signals.flag)], dtype=torch.int32)
@@ -236,7 +280,8 @@ class Trainer:
                     if self.pos.step_in_epoch >= self.steps_per_epoch:
                         break  # the trailing micro-batches of an incomplete accumulation window
                     t0 = time.time()
-                    out = self._micro_step(batch)
+                    logs_next = (self.pos.step + 1) % t.log_every == 0 or self.pos.step + 1 == self.total_steps
+                    out = self.step_fn.micro_step(batch, self.pos.step, grad_norm=logs_next)
                     if out is None:
                         nonfinite_run += 1
                         self.pos.skipped_nonfinite += 1
@@ -296,9 +341,8 @@ class Trainer:
             "train/skipped_nonfinite": float(self.pos.skipped_nonfinite),
             "queue/pool_size": float(self.queue.pool_size),
         })
-        gn = self.engine.get_global_grad_norm()
-        if gn is not None:
-            values["train/grad_norm"] = float(gn)
+        if "train/grad_norm" not in values and self.engine.get_global_grad_norm() is not None:
+            values["train/grad_norm"] = float(self.engine.get_global_grad_norm())  # ZeRO 1-2 keep it
         for i, g in enumerate(self.engine.optimizer.param_groups):
             values[f"lr/group{i}"] = g["lr"]
         self.monitor.scalars(values, self.pos.step)
