@@ -4,7 +4,6 @@ network-namespaced hosts, a killed rank and a restart, TensorBoard read back.
 The tiny synthetic set and model of tests/test_train_job.py keep each job to
 about a minute, most of it DeepSpeed's start-up.
 """
-import json
 import os
 import signal
 import subprocess

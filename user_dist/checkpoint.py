@@ -32,7 +32,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import distributed as du
 
@@ -241,12 +240,3 @@ def load_model_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a user-dist checkpoint or is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's python object on every rank (small metadata only)."""
-    if du.world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

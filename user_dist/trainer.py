@@ -373,8 +373,12 @@ class Trainer:
                                  self.pos.step)
             log.info("validation at epoch %d: rsum %.2f (i2t R@1 %.2f, t2i R@1 %.2f)", self.pos.epoch, rsum,
                      m["i2t_r1"], m["t2i_r1"])
-        rsum = ckpt.broadcast_object(rsum)
-        if rsum is not None and rsum > self.best_rsum:
+        # Rank 0 scored; every rank needs the same best tag (for pruning).
+        box = torch.tensor([float("nan") if rsum is None else rsum], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.broadcast(box, 0)
+        rsum = float(box.item())
+        if rsum > self.best_rsum:
             # The checkpoint saved right after validation becomes the best one.
             self.best_rsum = rsum
             self.best_tag = ckpt.tag_for(self.pos.step)
