@@ -482,12 +482,12 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
 
     - gradient all-reduce (DeepSpeed, ZeRO 0): N x grad_bytes
     - in-batch features, all-gathered with gradient (user_dist.loss): image and
-      text, forward 2 W B E x 4 and their backward all-reduce 2 W B E x 4;
+      text, forward 2 W B E x 4 and their backward reduce-scatter 2 W B E x 4;
       image ids W B x 8
     - keys enqueued (user_dist.queue): 2 W B E x 4 + ids W B x 8
     - finite-loss agreement: 4; DeepSpeed's gradient-clipping norm: 4
     - synced BatchNorm statistics of the online towers (train mode): per norm
-      of C channels W (2C + 1) x 4 gathered forward, the same all-reduced
+      of C channels W (2C + 1) x 4 gathered forward, the same reduce-scattered
       backward; key towers in train mode add the forward gather
     - sharded queue only: the query max all-reduce 2 W B x 4, the sum / active
       / count all-reduce 6 W B x 4 and its backward 6 W B x 4
@@ -499,12 +499,12 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
     norms = sum(W * (2 * c + 1) * FP32 for c in norm_widths)
     out = {
         "gradient all-reduce": n_params * grad_bytes,
-        "in-batch features (gather + backward all-reduce)": 4 * W * B * E * FP32 + W * B * INT64,
+        "in-batch features (gather + backward reduce-scatter)": 4 * W * B * E * FP32 + W * B * INT64,
         "keys to the queue (gather)": 2 * W * B * E * FP32 + W * B * INT64,
         "finite-loss check": INT32,
         # DeepSpeed's fp32 gradient clipping (ZeRO 0) averages the norm over ranks.
         "gradient-norm all-reduce": FP32 if cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0 else 0,
-        "synced norms (gather + backward all-reduce)": norms * (3 if cfg.queue.key_train_mode else 2),
+        "synced norms (gather + backward reduce-scatter)": norms * (3 if cfg.queue.key_train_mode else 2),
     }
     if cfg.queue.mode == "sharded":
         out["sharded queue statistics (max, sums + backward)"] = (2 + 6 + 6) * W * B * FP32
@@ -650,7 +650,7 @@ def project(cfg: Config, compute_ms: float, worlds: Sequence[int], gpus_per_node
     for W in worlds:
         parts = comm_formula(cfg, W, n_params, norms)
         grad = parts["gradient all-reduce"]
-        gathered = parts["keys to the queue (gather)"] + parts["in-batch features (gather + backward all-reduce)"] / 2
+        gathered = parts["keys to the queue (gather)"] + parts["in-batch features (gather + backward reduce-scatter)"] / 2
         reduced = sum(parts.values()) - grad - gathered  # the backward all-reduces and small statistics
         g = min(W, gpus_per_node)
         nodes = max(1, W // gpus_per_node)

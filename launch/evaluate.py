@@ -297,10 +297,10 @@ class Watcher:
 
     def poll(self) -> List[str]:
         """Evaluate every pending checkpoint; returns the tags handled (evaluated or failed)."""
-        from user_dist import checkpoint
+        from user_dist import distributed
 
         handled = []
-        for ckpt in checkpoint.broadcast_object(self.pending()):
+        for ckpt in distributed.broadcast_object(self.pending()):
             tag = os.path.basename(ckpt)
             started = time.time()
             try:

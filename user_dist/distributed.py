@@ -162,7 +162,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns each rank the gradient of its slice.
 
     The gradient of the concatenation is summed over ranks (every rank's loss
-    depends on every rank's features), then each rank keeps its own rows.
+    depends on every rank's features) and each rank receives its own rows.
     """
 
     @staticmethod
@@ -174,10 +174,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, 0)  # (ws*B, ...)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # grad: (ws*B, ...)
+        # Sum over ranks, keep this rank's rows: a reduce-scatter moves half
+        # the bytes of an all-reduce followed by slicing.
+        out = torch.empty((ctx.batch, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad.contiguous())
+        return out  # (B, ...)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -208,3 +210,15 @@ def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj):
+    """Rank 0's small Python object (e.g. a list of paths) on every rank.
+
+    Pickled between the job's own ranks only; never used on loaded data.
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
