@@ -49,6 +49,28 @@ def kill_job(proc, marker: str) -> None:
 from tests.cluster.fixtures import pdsh_hosts, slurm_cluster, tensorboard_server  # noqa: E402,F401
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default tokenizer (MiniLM's BERT-uncased vocabulary, offline)."""
+    from user_dist.config import TextEncoderConfig
+    from user_dist.tokenizer import build_tokenizer
+
+    return build_tokenizer(TextEncoderConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A tiny synthetic set for whole training jobs: 96 train images in 4
+    shards (10 steps per epoch at 2 ranks x 24), 40 val, 40 test, 32-d regions."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("tiny_synthetic")
+    subprocess.run([PYTHON, "-m", "data_shards", "synthetic", "--out", str(out), "--train-images", "96",
+                    "--val-images", "40", "--test-images", "40", "--region-dim", "32", "--shard-size", "24",
+                    "--modes", "regions"], check=True, cwd=ROOT, env=child_env(), capture_output=True)
+    return out / "shards" / "regions"
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

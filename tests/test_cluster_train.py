@@ -23,15 +23,6 @@ CPU_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-pe
 JOB_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([os.path.join(VENV_BIN, "python"), "-m", "data_shards", "synthetic", "--out", str(out),
-                    "--train-images", "96", "--val-images", "40", "--test-images", "40", "--region-dim", "32",
-                    "--shard-size", "24", "--modes", "regions"], check=True, cwd=ROOT, capture_output=True)
-    return out / "shards" / "regions"
-
-
 def write_config(path, overrides):
     """A YAML config holding the tiny overrides (what a user would submit);
     values keep their YAML spelling ([1], true, 24, paths)."""
@@ -54,8 +45,8 @@ def write_config(path, overrides):
     return str(path)
 
 
-def test_slurm_two_node_job_fails_fast_on_a_killed_rank_and_resumes(slurm_cluster, shards, tmp_path):
-    cfg = write_config(tmp_path / "tiny.yaml", tiny_overrides(shards, tmp_path, "slurm", **{
+def test_slurm_two_node_job_fails_fast_on_a_killed_rank_and_resumes(slurm_cluster, tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_overrides(tiny_shards, tmp_path, "slurm", **{
         "train.ckpt_every_steps": 2, "train.max_steps": 20, "train.epochs": 2}))
     env = dict(slurm_cluster.env)
     job = slurm_cluster.sbatch(TRAIN_SBATCH, [cfg], options=CPU_NODES, env=env, cwd=ROOT)
@@ -87,8 +78,8 @@ def test_slurm_two_node_job_fails_fast_on_a_killed_rank_and_resumes(slurm_cluste
     assert sorted(losses(tmp_path / "slurm")) == list(range(1, 21))  # no step lost
 
 
-def test_deepspeed_pdsh_launcher_trains_across_two_hosts(pdsh_hosts, shards, tmp_path, tensorboard_server):
-    overrides = tiny_overrides(shards, tmp_path, "pdsh", **{"train.max_steps": 10})
+def test_deepspeed_pdsh_launcher_trains_across_two_hosts(pdsh_hosts, tiny_shards, tmp_path, tensorboard_server):
+    overrides = tiny_overrides(tiny_shards, tmp_path, "pdsh", **{"train.max_steps": 10})
     argv = pdsh_hosts.deepspeed_argv(os.path.join(VENV_BIN, "deepspeed"), free_port(), "launch/train.py",
                                      overrides)
     proc = subprocess.run(in_netns(pdsh_hosts.launch_netns, argv), env=pdsh_hosts.launcher_env, cwd=ROOT,

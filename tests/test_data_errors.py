@@ -10,18 +10,12 @@ import torch
 
 from data_shards.synthetic import build_synthetic
 from data_shards.writer import TarShard, encode_json, encode_npy, write_manifest
-from user_dist.config import DataConfig, TextEncoderConfig
+from user_dist.config import DataConfig
 from user_dist.data import eval_loader, train_loader
 from user_dist.data_format import ShardError, ShardInfo, iter_raw_samples, load_manifest, sha256_file
-from user_dist.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)
 F = 8
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(TextEncoderConfig())
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,11 @@ import pytest
 import torch
 
 from data_shards.synthetic import build_synthetic
-from user_dist.config import DataConfig, TextEncoderConfig
+from user_dist.config import DataConfig
 from user_dist.data import eval_loader, num_images
 from user_dist.data_format import decode_json, iter_raw_samples, load_manifest, load_npy
-from user_dist.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(TextEncoderConfig())
 
 
 @pytest.fixture(scope="module")

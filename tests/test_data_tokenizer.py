@@ -7,11 +7,6 @@ from user_dist.config import ConfigError, TextEncoderConfig
 from user_dist.tokenizer import CaptionEncoder, build_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(TextEncoderConfig())
-
-
 def test_default_is_the_offline_bert_uncased_tokenizer(tokenizer):
     assert len(tokenizer) == 30522 and tokenizer.is_fast
     assert tokenizer.convert_ids_to_tokens(tokenizer("A Red Circle")["input_ids"]) == \

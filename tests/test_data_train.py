@@ -7,17 +7,11 @@ import torch
 from PIL import Image
 
 from data_shards.synthetic import build_synthetic
-from user_dist.config import ConfigError, DataConfig, TextEncoderConfig
+from user_dist.config import ConfigError, DataConfig
 from user_dist.data import IMAGE_MEAN, IMAGE_STD, train_loader
 from user_dist.data_format import decode_json, iter_raw_samples, load_manifest
-from user_dist.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(TextEncoderConfig())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The training job for real: 2 CPU ranks, DeepSpeed engine, shards on disk.
+"""The training job for real: 2 CPU ranks, DeepSpeed engine, tiny_shards on disk.
 
 A tiny synthetic set (96 train images, 10 steps per epoch at 2 x 24) and a
 tiny model keep each run to seconds after DeepSpeed's start-up.
@@ -20,19 +20,10 @@ TRAIN = os.path.join(ROOT, "launch", "train.py")
 DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([PYTHON, "-m", "data_shards", "synthetic", "--out", str(out), "--train-images", "96",
-                    "--val-images", "40", "--test-images", "40", "--region-dim", "32", "--shard-size", "24",
-                    "--modes", "regions"], check=True, cwd=ROOT, env=child_env(), capture_output=True)
-    return out / "shards" / "regions"
-
-
-def tiny_overrides(shards, run_root, name, **extra):
+def tiny_overrides(tiny_shards, run_root, name, **extra):
     ov = {
-        "data.train_shards": shards / "train", "data.val_shards": shards / "val",
-        "data.test_shards": shards / "test", "data.num_workers": 1, "data.shuffle_buffer": 50,
+        "data.train_shards": tiny_shards / "train", "data.val_shards": tiny_shards / "val",
+        "data.test_shards": tiny_shards / "test", "data.num_workers": 1, "data.shuffle_buffer": 50,
         "model.embed_size": 32, "model.region_dim": 32, "model.mlp_hidden": 32,
         "model.gpo_pe_dim": 8, "model.gpo_hidden": 8,
         "model.text.hidden_size": 32, "model.text.num_layers": 1, "model.text.num_heads": 2,
@@ -92,15 +83,15 @@ def assert_same_tensors(a, b, what):
             assert a[k] == b[k], f"{what}: {k} differs"
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_path):
     """2 ranks, 12 steps across an epoch boundary (10 steps/epoch) with a
     validation, vs the same run killed (SIGKILL) after its step-6 checkpoint
     and resumed: identical per-step losses, weights, momentum towers, queues."""
     common = {"train.deterministic": "true", "train.ckpt_every_steps": 6, "train.max_steps": 12}
-    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "full", **common))
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "full", **common))
     assert code == 0, out[-3000:]
 
-    proc = start("torchrun", tiny_overrides(shards, tmp_path, "cut", **common))
+    proc = start("torchrun", tiny_overrides(tiny_shards, tmp_path, "cut", **common))
     deadline = time.time() + 300
     for line in proc.stdout:
         if "saved checkpoint" in line and "step_00000006" in line:
@@ -110,7 +101,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
     cut_dir = tmp_path / "cut"
     assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
 
-    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "cut", **common, **{"train.resume": "auto"}))
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "cut", **common, **{"train.resume": "auto"}))
     assert code == 0, out[-3000:]
     assert "resumed from" in out and "at step 6 " in out, "\n".join(l for l in out.splitlines() if "INFO" in l)
 
@@ -130,8 +121,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
         assert any("val/rsum" in json.loads(line) for line in f)
 
 
-def test_preemption_signal_checkpoints_and_exits_zero(shards, tmp_path):
-    proc = start("deepspeed", tiny_overrides(shards, tmp_path, "pre", **{"train.epochs": 50}))
+def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):
+    proc = start("deepspeed", tiny_overrides(tiny_shards, tmp_path, "pre", **{"train.epochs": 50}))
     deadline = time.time() + 300
     for line in proc.stdout:
         if "INFO step 3/" in line:
@@ -156,7 +147,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(shards, tmp_path):
     step = ckpt.load_meta(latest)["step"]
     assert 3 <= step < 50 * 10
     # A requeued job picks it up.
-    code, out = run("deepspeed", tiny_overrides(shards, tmp_path, "pre", **{"train.epochs": 50,
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "pre", **{"train.epochs": 50,
                                                                            "train.max_steps": step + 2,
                                                                            "train.resume": "auto"}))
     assert code == 0, out[-3000:]
@@ -164,10 +155,10 @@ def test_preemption_signal_checkpoints_and_exits_zero(shards, tmp_path):
         str(tmp_path / "pre" / "checkpoints")))["step"] == step + 2
 
 
-def test_bf16_zero2_sharded_accumulation_run_and_evaluate(shards, tmp_path):
+def test_bf16_zero2_sharded_accumulation_run_and_evaluate(tiny_shards, tmp_path):
     """The other corners of the config space run end to end on 2 ranks, and the
     evaluation job reads the checkpoint."""
-    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "corner", **{
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "corner", **{
         "train.precision": "bf16", "train.zero_stage": 2, "queue.mode": "sharded", "train.grad_accum": 2,
         "train.batch_size": 12, "train.max_steps": 4, "model.gse.kind": "sge"}))
     assert code == 0, out[-3000:]
@@ -191,33 +182,33 @@ def evaluate_checkpoint(run_dir, shards_dir):
         return json.load(f)["generic"]
 
 
-def test_a_trained_checkpoint_scores_far_above_a_random_init_one(shards, tmp_path):
+def test_a_trained_checkpoint_scores_far_above_a_random_init_one(tiny_shards, tmp_path):
     """Through the whole path (train -> checkpoint -> evaluation job), scored on
     the 96 training images the tiny model has seen for 4 epochs."""
     common = {"train.epochs": 4, "optim.lr": 2e-3, "optim.decay_epochs": "[10]", "train.validate_every_epochs": 0}
-    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "untrained",
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "untrained",
                                                **dict(common, **{"optim.lr": 1e-12, "train.max_steps": 1})))
     assert code == 0, out[-3000:]
-    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "trained", **common))
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "trained", **common))
     assert code == 0, out[-3000:]
-    untrained = evaluate_checkpoint(tmp_path / "untrained", shards / "train")
-    trained = evaluate_checkpoint(tmp_path / "trained", shards / "train")
+    untrained = evaluate_checkpoint(tmp_path / "untrained", tiny_shards / "train")
+    trained = evaluate_checkpoint(tmp_path / "trained", tiny_shards / "train")
     # Chance: i2t R@1 ~ 5/480 ~ 1 %, t2i R@1 ~ 1/96 ~ 1 %.
     assert untrained["rsum"] < 120, untrained
     assert trained["rsum"] > untrained["rsum"] + 100, (trained, untrained)
     assert trained["i2t_r1"] > 3 * max(untrained["i2t_r1"], 2.0)
 
 
-def test_fresh_start_refuses_an_existing_run(shards, tmp_path):
+def test_fresh_start_refuses_an_existing_run(tiny_shards, tmp_path):
     (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
-    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(shards, tmp_path, "taken")], cwd=ROOT, env=child_env(),
+    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(tiny_shards, tmp_path, "taken")], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "refusing to overwrite" in r.stderr and "train.resume=auto" in r.stderr
 
 
-def test_a_non_finite_loss_is_skipped_and_counted(shards, tmp_path):
-    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "nan1", **{"train.max_steps": 5}),
+def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan1", **{"train.max_steps": 5}),
                     env={"USER_DIST_FAULT_NAN": "2:1"})
     assert code == 0, out[-3000:]
     assert "non-finite loss at step 2: micro-batch skipped (1 in a row)" in out
@@ -226,8 +217,8 @@ def test_a_non_finite_loss_is_skipped_and_counted(shards, tmp_path):
     assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
 
 
-def test_non_finite_losses_in_a_row_stop_with_a_clear_message(shards, tmp_path):
-    code, out = run("torchrun", tiny_overrides(shards, tmp_path, "nan3", **{"train.max_nonfinite_in_a_row": 3}),
+def test_non_finite_losses_in_a_row_stop_with_a_clear_message(tiny_shards, tmp_path):
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan3", **{"train.max_nonfinite_in_a_row": 3}),
                     env={"USER_DIST_FAULT_NAN": "2:100"})
     assert code != 0
     assert "3 non-finite losses in a row at step 2: stopping" in out
