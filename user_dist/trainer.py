@@ -141,10 +141,12 @@ class TrainStep:
         norm before clipping, as a tensor), or None when the loss was not
         finite on some rank (then no rank stepped).
         """
-        b = _float_inputs_to(batch, self.device, self.dtype)
+        b32 = _float_inputs_to(batch, self.device, torch.float32)  # the key towers are fp32
+        # One copy to the device; a second cast only when the module is not fp32 (fp16).
+        b = b32 if self.dtype == torch.float32 else _float_inputs_to(b32, self.device, self.dtype)
         img, txt = self.engine(b)
         with torch.no_grad(), self.autocast:
-            img_k, txt_k = self.momentum.encode(_float_inputs_to(batch, self.device, torch.float32))
+            img_k, txt_k = self.momentum.encode(b32)
         loss, stats = self._uto_loss(img.float(), txt.float(), img_k, txt_k, b["image_ids"], self.queue,
                                      self.cfg.loss)
         if self._fault_nan.get(step, 0) > 0:  # fault injection (tests): see _parse_fault
