@@ -104,6 +104,15 @@ def synthetic_batch(cfg: Config, batch: int, regions: int, lengths: range, seed:
             "image_ids": torch.arange(seed * batch, (seed + 1) * batch)}
 
 
+def as_loaded(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The batch as the train loader hands it over: in pinned host memory when
+    CUDA is there (DataLoader(pin_memory=True)), so the step's copies to the
+    device are asynchronous as in launch/train.py."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.pin_memory() for k, v in batch.items()}
+
+
 # --------------------------------------------------------------------------- timing and counting
 
 
@@ -307,7 +316,7 @@ def train_section(cfg: Config, args) -> Dict[str, object]:
     device = state.device
     B = cfg.train.batch_size
     lengths = caption_lengths(args.caption_len)
-    batches = [synthetic_batch(cfg, B, args.regions, lengths, seed=s) for s in range(4)]
+    batches = [as_loaded(synthetic_batch(cfg, B, args.regions, lengths, seed=s)) for s in range(4)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = timed_steps(state, batches, args.steps, args.warmup)
@@ -325,7 +334,132 @@ def train_section(cfg: Config, args) -> Dict[str, object]:
            "step_ms_all": [round(t * 1e3, 2) for t in times]}
     if args.breakdown_steps:
         out["breakdown"] = breakdown(state, batches, args.breakdown_steps)
+    # Diagnostics: a failure is reported, not fatal to the figures above.
+    if args.sync_debug:
+        try:
+            out["sync_points"] = sync_points(state, batches[0])
+        except Exception as exc:  # noqa: BLE001
+            out["sync_points"] = [f"sync debug failed: {exc!r}"[:300]]
+    if args.profile:
+        try:
+            out["profile"] = profile_steps(state, batches, args.profile_steps, args.profile)
+        except Exception as exc:  # noqa: BLE001
+            print(f"profile failed: {exc!r}"[:300])
     return out
+
+
+def profile_steps(state, batches: List[dict], steps: int, path: str) -> Dict[str, object]:
+    """torch.profiler over ``steps`` micro-steps: the top operators by device
+    time and by host time (written to ``path``), the device's busy time
+    against the wall time, and the number of kernel launches and host syncs
+    per step: whether the step is bound by the device or by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if state.device.type == "cuda" else [])
+    sync(state.device)
+    start = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            micro_step(state, batches[i % len(batches)])
+        sync(state.device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    busy_us = sum(getattr(e, dev_attr, 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) \
+        if state.device.type == "cuda" else 0
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                        "cuLaunchKernelEx"))
+    syncs = {e.key: e.count / steps for e in events if "Synchronize" in e.key or e.key in ("cudaMemcpyAsync",)}
+    out = {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "device_busy_ms_per_step": busy_us / 1e3 / steps,
+           "device_kernels_per_step": kernels / steps, "kernel_launches_per_step": launches / steps,
+           "sync_calls_per_step": syncs, "table": path}
+    with open(path, "w") as f:
+        f.write(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=1) + "\n\n")
+        for sort in ([dev_attr] if state.device.type == "cuda" else []) + ["self_cpu_time_total"]:
+            f.write(f"== sorted by {sort} ==\n")
+            f.write(events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
+    return out
+
+
+def sync_points(state, batch: dict) -> List[str]:
+    """Where one micro-step makes the host wait for the device (CUDA only):
+    torch's sync debug mode warns at every synchronising call; the Python
+    line that made it is listed with its count."""
+    if state.device.type != "cuda":
+        return []
+    import traceback
+    import warnings
+
+    found: Dict[str, int] = defaultdict(int)
+    showwarning = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+        ours = [f for f in frames if "/user_dist/" in f.filename or "/launch/" in f.filename]
+        where = ours[-1] if ours else frames[-1]
+        inner = frames[-1]
+        found[f"{where.filename.split('/')[-1]}:{where.lineno} via {inner.filename.split('/')[-1]}:{inner.lineno}: "
+              f"{str(message)[:80]}"] += 1
+
+    sync(state.device)
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                micro_step(state, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = showwarning
+    return [f"{n} x {k}" for k, n in sorted(found.items(), key=lambda kv: -kv[1])]
+
+
+def batch_sweep(cfg_for, sizes: Sequence[int], args) -> List[Dict[str, object]]:
+    """ms/step, samples/s, peak memory and MFU at each per-process batch size,
+    up to the first that does not fit (CUDA out of memory)."""
+    import gc
+
+    rows = []
+    for B in sizes:
+        gc.collect()  # the engines of earlier sections hold device memory until collected
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cfg = cfg_for(B)
+        state = None
+        try:
+            state = build_step(cfg)
+            lengths = caption_lengths(args.caption_len)
+            batches = [as_loaded(synthetic_batch(cfg, B, args.regions, lengths, seed=s)) for s in range(2)]
+            if state.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(state.device)
+            times = timed_steps(state, batches, args.sweep_steps, 2)
+            med = statistics.median(times)
+            text_len = statistics.mean(b["input_ids"].shape[1] for b in batches)
+            flops = count(cfg.model, StepShape(B, round(text_len), args.regions, state.queue.pool_size, state.world))
+            tflops = flops.per_step(B) / med / 1e12
+            rows.append({"batch": B, "ms_per_step": med * 1e3, "samples_per_s": B / med,
+                         "peak_memory_gb": peak_memory_gb(state.device), "tflops": tflops,
+                         "mfu": tflops / args.peak_tflops, "queue_pool": state.queue.pool_size})
+        except torch.OutOfMemoryError as exc:
+            rows.append({"batch": B, "error": f"out of memory: {str(exc)[:120]}"})
+            break
+        finally:
+            del state
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print("\n== batch sweep (per process) ==")
+    print("| batch | ms/step | samples/s | peak mem GB | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['error']} | | | | |")
+        else:
+            print(f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:,.0f} | {r['peak_memory_gb']:.1f} | "
+                  f"{r['tflops']:.1f} | {100 * r['mfu']:.2f}% |")
+    return rows
 
 
 def _device_name(device: torch.device) -> str:
@@ -357,6 +491,16 @@ def print_train(r: Dict[str, object], args) -> None:
             print(f"| {phase} | {1e3 * s:.2f} | {100 * s / b['total']:.1f}% |")
         print(f"| (communication, inside the phases above) | {1e3 * b['comm_seconds']:.2f} | "
               f"{100 * b['comm_seconds'] / b['total']:.1f}% |")
+    if "sync_points" in r:
+        print(f"\nhost syncs in one step ({len(r['sync_points'])} places):" if r["sync_points"]
+              else "\nhost syncs in one step: none")
+        for line in r["sync_points"]:
+            print("  " + line)
+    if "profile" in r:
+        p = r["profile"]
+        print(f"\nprofile ({p['steps']} steps, {p['table']}): wall {p['wall_ms_per_step']:.1f} ms/step, device busy "
+              f"{p['device_busy_ms_per_step']:.1f} ms/step, {p['device_kernels_per_step']:.0f} kernels and "
+              f"{p['kernel_launches_per_step']:.0f} launches per step, sync calls {p['sync_calls_per_step']}")
 
 
 # --------------------------------------------------------------------------- reference
@@ -440,26 +584,26 @@ def data_section(args) -> List[tuple]:
 
 
 def eval_section(preset: str, overrides: Sequence[str], args) -> Dict[str, object]:
-    """Encoding rates of the preset's towers and the scoring time of a 5,000 x
-    25,000 matrix (launch/bench_eval.py), combined into the COCO 5K time."""
+    """The COCO 5K evaluation with the evaluation job's own code
+    (launch/bench_eval.py's bench_coco5k): encode 5,000 images and 25,000
+    captions with the preset's towers, the similarity matrix and both
+    protocols scored where it lives."""
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import bench_eval
 
     tower_overrides = bench_eval.TINY if preset == "tiny" else []
-    _, device, params, batch, img_s, cap_s = bench_eval.bench_encoding(
-        preset, list(tower_overrides) + list(overrides), args.eval_batch, args.eval_batches, 32)
-    scoring = dict((p, s) for p, _, s in bench_eval.bench_scoring(1))
-    encode_s = 5000 / img_s + 25000 / cap_s
-    out = {"device": device, "params": params, "images_per_s": img_s, "captions_per_s": cap_s,
-           "encode_5k_s": encode_s, "score_coco5k_s": scoring["coco5k"], "score_coco5k_coco1k_s": scoring["coco5k+coco1k"]}
-    print(f"\n== evaluation, COCO 5K (5,000 images, 25,000 captions), {preset} towers ({params}) on {device} ==")
-    print("| images/s | captions/s | encode 5K (s) | score coco5k (s) | coco5k+coco1k (s) | total (s) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {img_s:,.0f} | {cap_s:,.0f} | {encode_s:.2f} | {scoring['coco5k']:.2f} | "
-          f"{scoring['coco5k+coco1k']:.2f} | {encode_s + scoring['coco5k+coco1k']:.2f} |")
-    print(f"(encoding: batches of {args.eval_batch} images / {5 * args.eval_batch} captions of 32 tokens, "
-          "extrapolated to 5K; scoring: numpy on the host, as the evaluation job does)")
-    return out
+    r = bench_eval.bench_coco5k(list(tower_overrides) + list(overrides), args.eval_batch, 32,
+                                n_images=args.eval_images)
+    print(f"\n== evaluation, {r['n_images']:,} images x {5 * r['n_images']:,} captions, {preset} towers, on "
+          f"{r['device']} (scored as {r['scored_as']}) ==")
+    print("| encode images (s) | encode captions (s) | similarities (s) | score coco5k (s) | score coco1k (s) | "
+          "total (s) |\n|---|---|---|---|---|---|")
+    coco1k = "-" if r["score_coco1k"] is None else f"{r['score_coco1k']:.3f}"
+    print(f"| {r['encode_images']:.3f} | {r['encode_captions']:.3f} | {r['similarities']:.3f} | "
+          f"{r['score_coco5k']:.3f} | {coco1k} | {r['total']:.3f} |")
+    print(f"(batches of {args.eval_batch} images / {5 * args.eval_batch} captions of 32 tokens, random init; "
+          "the job's precision: bf16 on CUDA, fp32 on a CPU)")
+    return r
 
 
 # --------------------------------------------------------------------------- communication
@@ -485,7 +629,8 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
       text, forward 2 W B E x 4 and their backward reduce-scatter 2 W B E x 4;
       image ids W B x 8
     - keys enqueued (user_dist.queue): 2 W B E x 4 + ids W B x 8
-    - finite-loss agreement: 4; DeepSpeed's gradient-clipping norm: 4
+    - finite-loss agreement: 4 (clipping without ZeRO needs no collective:
+      the averaged gradients are equal on every rank)
     - synced BatchNorm statistics of the online towers (train mode): per norm
       of C channels W (2C + 1) x 4 gathered forward, the same reduce-scattered
       backward; key towers in train mode add the forward gather
@@ -502,8 +647,6 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
         "in-batch features (gather + backward reduce-scatter)": 4 * W * B * E * FP32 + W * B * INT64,
         "keys to the queue (gather)": 2 * W * B * E * FP32 + W * B * INT64,
         "finite-loss check": INT32,
-        # DeepSpeed's fp32 gradient clipping (ZeRO 0) averages the norm over ranks.
-        "gradient-norm all-reduce": FP32 if cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0 else 0,
         "synced norms (gather + backward reduce-scatter)": norms * (3 if cfg.queue.key_train_mode else 2),
     }
     if cfg.queue.mode == "sharded":
@@ -692,6 +835,14 @@ def parse_args(argv):
     p.add_argument("--caption-len", default="12-20",
                    help="tokens per caption with [CLS]/[SEP], uniform MIN-MAX (COCO: ~12-20; the reference: 28-32)")
     p.add_argument("--breakdown-steps", type=int, default=3, help="synced steps timed phase by phase (0: none)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="list where one step makes the host wait for the device (CUDA)")
+    p.add_argument("--profile", default="", help="write a torch.profiler table of --profile-steps steps here")
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--batch-sweep", default="",
+                   help="comma-separated per-process batch sizes to time after the train section, up to the first "
+                        "that runs out of memory")
+    p.add_argument("--sweep-steps", type=int, default=10, help="timed steps per --batch-sweep size")
     p.add_argument("--reference", default="", help="path of bench_reference.py: run its step too and compare")
     p.add_argument("--reference-variants", default="reference",
                    help="comma-separated variants of bench_reference.py (reference, tf32, bf16, bf16_compile, ...)")
@@ -706,7 +857,8 @@ def parse_args(argv):
     p.add_argument("--data-images", type=int, default=200, help="images per data fixture")
     p.add_argument("--data-seconds", type=float, default=3.0, help="seconds per data measurement")
     p.add_argument("--eval-batch", type=int, default=32, help="images per encoding batch (5x captions)")
-    p.add_argument("--eval-batches", type=int, default=3)
+    p.add_argument("--eval-images", type=int, default=5000,
+                   help="images of the eval section (5 captions each; coco5k/coco1k need 5000)")
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before the dist ranks are killed")
     p.add_argument("--json", default="", help="write every result here too (default: $OUT/benchmark.json if $OUT)")
     p.add_argument("--dist-worker", default="", help=argparse.SUPPRESS)
@@ -744,6 +896,10 @@ def main(argv=None) -> int:
             rows = reference_section(args.reference, cfg, args, r)
             print_reference(rows, r)
             results["reference"] = rows
+        if args.batch_sweep:
+            results["batch_sweep"] = batch_sweep(
+                lambda b: build_config(args.preset, args.overrides, args.precision, b),
+                [int(b) for b in args.batch_sweep.split(",")], args)
     if "data" in sections:
         results["data"] = data_section(args)
     if "eval" in sections:

@@ -164,8 +164,12 @@ class CheckpointEvaluator:
             check_shape((n, 5 * n), p, source=f"test split {self.shards or cfg.data.test_shards}")
         if distributed.rank() != 0:
             return None
-        sims = split.similarities(device).numpy()  # (N, 5N)
+        # Scored where the matrix is computed; only the rank vectors come back per protocol.
+        sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
         results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
+        sims = sims.cpu().numpy()  # once, for the report's examples and curves and sims.npy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         os.makedirs(out_dir, exist_ok=True)
         if cfg.eval.save_sims:
             np.save(os.path.join(out_dir, "sims.npy"), sims)

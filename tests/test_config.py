@@ -54,6 +54,7 @@ def test_wrong_type_names_the_key():
     ("train.precision=fp8", "train.precision"),
     ("queue.momentum=1.0", "queue.momentum"),
     ("train.zero_stage=3", "train.zero_stage"),
+    ("train.compile=fast", "train.compile"),
     ("eval.protocols=[coco2k]", "eval.protocols"),
     ("train.resume=/does/not/exist", "train.resume"),
 ])
@@ -61,6 +62,13 @@ def test_impossible_values_fail_naming_key_and_source(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert f"'{key}'" in str(e.value) and f"command line '{override}'" in str(e.value)
+
+
+@pytest.mark.parametrize("other", ["train.grad_accum=2", "train.zero_stage=1"])
+def test_cuda_graphs_refuse_accumulation_and_zero(other):
+    with pytest.raises(ConfigError, match=r"'train.compile'.*needs train.grad_accum=1 and train.zero_stage=0"):
+        load_config(None, ["train.compile=reduce-overhead", other])
+    load_config(None, ["train.compile=default", other])  # plain compilation has no such limit
 
 
 def test_choice_errors_list_valid_choices():

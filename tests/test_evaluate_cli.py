@@ -22,9 +22,16 @@ from conftest import ROOT, child_env
 from user_dist.config import Config, save_config
 from user_dist.evaluation.metrics import METRIC_KEYS, evaluate
 
-spec = importlib.util.spec_from_file_location("evaluate_job", os.path.join(ROOT, "launch", "evaluate.py"))
-job = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(job)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "launch", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job = load_script("evaluate")
 
 
 def noisy_sims(n, quality, seed=0):
@@ -355,6 +362,27 @@ def test_a_run_is_evaluated_end_to_end_from_its_shards(tmp_path, test_shards):
     assert json.loads((tmp_path / "eval" / "best.json").read_text())["tag"] == "step_00000100"
 
 
+def test_a_checkpoint_is_scored_as_a_tensor_where_it_was_computed_and_saved_once(tmp_path, test_shards,
+                                                                                    monkeypatch):
+    from user_dist.distributed import device_for
+
+    scored = []
+
+    def spy(sims, protocol, source):
+        scored.append((torch.is_tensor(sims), sims.device.type, protocol))
+        return evaluate(sims, protocol, source)
+
+    monkeypatch.setattr(job, "evaluate", spy)
+    model_checkpoint(tmp_path, 100, [f"data.test_shards={test_shards}", "eval.save_sims=true"])
+    assert job.main(["--run", str(tmp_path)]) == 0
+    assert scored == [(True, device_for(0).type, "generic")]  # the job's device: CUDA where there is one
+    out = tmp_path / "eval" / "step_00000100"
+    sims = np.load(out / "sims.npy")
+    assert sims.dtype == np.float32 and sims.shape == (17, 85)
+    # the device's ranks, as the host's numpy path computes them from the saved matrix
+    assert json.loads((out / "metrics.json").read_text())["generic"] == evaluate(sims, "generic")
+
+
 def test_weights_that_do_not_fit_the_model_are_skipped_and_the_run_goes_on(tmp_path, test_shards, caplog):
     model_checkpoint(tmp_path, 100, [f"data.test_shards={test_shards}"], drop_key=True)
     model_checkpoint(tmp_path, 200, [f"data.test_shards={test_shards}"])
@@ -379,6 +407,19 @@ def test_a_checkpoint_outside_a_run_folder_writes_where_told(tmp_path, test_shar
     assert job.main(["--checkpoint", str(moved), "--out", str(tmp_path / "res")]) == 0
     assert json.loads((tmp_path / "res" / "metrics.json").read_text())["step"] == 300
     assert (tmp_path / "res" / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------- benchmark of the evaluation
+
+
+def test_the_coco5k_benchmark_times_every_step_and_says_a_small_split_is_scored_generic():
+    bench = load_script("bench_eval")
+    r = bench.bench_coco5k(bench.TINY, batch=64, text_len=8, device="cpu", n_images=200)
+    steps = ("encode_images", "encode_captions", "similarities", "score_coco5k")
+    assert all(r[k] > 0 for k in steps)
+    assert r["score_coco1k"] is None and "generic" in r["scored_as"] and "5000" in r["scored_as"]
+    assert r["total"] == pytest.approx(sum(r[k] for k in steps))
+    assert (r["device"], r["n_images"], r["batch"], r["text_len"]) == ("cpu", 200, 64, 8)
 
 
 def wait_until(done, proc, what, timeout=120.0):

@@ -2,13 +2,19 @@
 
 The reference ranks every query with a full sort (wrong items tied with the
 truth placed before it: pessimistic ties) and reads off the position of the
-first correct item, as VSE++/SCAN do with argsort.
+first correct item, as VSE++/SCAN do with argsort. The torch path (a tensor on
+any device) must give exactly the numpy path's ranks; it runs on the CPU
+here, and on CUDA too where there is one.
 """
 import numpy as np
 import pytest
+import torch
 
+from user_dist.evaluation import metrics
 from user_dist.evaluation.metrics import (METRIC_KEYS, ProtocolError, check_sims, evaluate, i2t_ranks,
-                                          recall_curve, t2i_ranks)
+                                          i2t_ranks_torch, recall_curve, t2i_ranks, t2i_ranks_torch)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def reference_ranks(sims):
@@ -141,6 +147,76 @@ def test_recall_curve_agrees_with_recall_at_1_5_10():
     assert (curve[0], curve[4], curve[9]) == pytest.approx((m["i2t_r1"], m["i2t_r5"], m["i2t_r10"]))
 
 
+@pytest.mark.parametrize("n", [6, 7, 8, 20])
+def test_ranks_are_counted_across_chunk_boundaries(n, monkeypatch):
+    monkeypatch.setattr(metrics, "_CHUNK_ROWS", 7)  # n below, at, just above and not a multiple of the chunk
+    sims = np.random.default_rng(n).integers(0, 5, size=(n, 5 * n)).astype(np.float32)
+    want_i2t, want_t2i = reference_ranks(sims)
+    for got_i2t, got_t2i in ((i2t_ranks(sims), t2i_ranks(sims)),
+                             (i2t_ranks_torch(torch.from_numpy(sims)), t2i_ranks_torch(torch.from_numpy(sims)))):
+        np.testing.assert_array_equal(np.asarray(got_i2t), want_i2t)
+        np.testing.assert_array_equal(np.asarray(got_t2i), want_t2i)
+
+
+# ----------------------------------------------------------------------------- torch path == numpy path
+
+
+def tie_cases():
+    """Hand-built matrices where ties decide the ranks (name -> float32 (N, 5N))."""
+    one_tie = perfect(3)
+    one_tie[0, 7] = 1.0  # a caption of image 1 ties with image 0's captions
+    best_of_five = np.zeros((2, 10), np.float32)
+    best_of_five[0, 4], best_of_five[1, 5:10] = 0.9, 0.5
+    caption_ties = np.zeros((4, 20), np.float32)
+    caption_ties[:, 0] = [0.5, 0.7, 0.5, 0.1]
+    return {"perfect": perfect(7), "reversed": 1.0 - perfect(20), "constant": np.zeros((12, 60), np.float32),
+            "one tie": one_tie, "best of five": best_of_five, "caption ties": caption_ties,
+            "quantised": np.random.default_rng(1).integers(0, 4, size=(30, 150)).astype(np.float32)}
+
+
+def assert_torch_ranks_equal_numpy(tensor, array):
+    i2t, t2i = i2t_ranks_torch(tensor), t2i_ranks_torch(tensor)
+    assert i2t.device == tensor.device and i2t.dtype == t2i.dtype == torch.int64
+    np.testing.assert_array_equal(i2t.cpu().numpy(), i2t_ranks(array))
+    np.testing.assert_array_equal(t2i.cpu().numpy(), t2i_ranks(array))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 24, 300])  # 300: more than one chunk of 256 rows
+def test_torch_ranks_equal_numpy_ranks_on_random_matrices(n, device):
+    sims = np.random.default_rng(n).standard_normal((n, 5 * n)).astype(np.float32)
+    assert_torch_ranks_equal_numpy(torch.from_numpy(sims).to(device), sims)
+    assert evaluate(torch.from_numpy(sims).to(device), "generic") == evaluate(sims, "generic")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(tie_cases()))
+def test_torch_ranks_equal_numpy_ranks_when_scores_tie(case, device):
+    sims = tie_cases()[case]
+    assert_torch_ranks_equal_numpy(torch.from_numpy(sims).to(device), sims)
+    assert evaluate(torch.from_numpy(sims).to(device), "generic") == evaluate(sims, "generic")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_torch_ranks_of_16_and_64_bit_tensors_equal_numpy_ranks_of_the_same_values(dtype, device):
+    rng = np.random.default_rng(6)
+    sims = torch.from_numpy(rng.standard_normal((40, 200))).to(dtype)  # 16 bits: rounding makes many ties
+    values = sims.float().numpy() if dtype == torch.bfloat16 else sims.numpy()  # numpy has no bfloat16
+    on_device = sims.to(device)
+    assert_torch_ranks_equal_numpy(on_device, values)
+    assert evaluate(on_device, "generic") == evaluate(values, "generic")
+    if dtype != torch.float64:
+        assert len(np.unique(values)) < values.size  # the case is about ties
+
+
+def test_torch_coco1k_and_coco5k_equal_the_numpy_results_fold_by_fold(coco_sims):
+    tensor = torch.from_numpy(coco_sims)  # the same memory; the folds are strided views
+    k1 = evaluate(tensor, "coco1k")
+    assert k1 == evaluate(coco_sims, "coco1k")  # the five per-fold dicts included
+    assert evaluate(tensor, "coco5k") == evaluate(coco_sims, "coco5k")
+
+
 # ----------------------------------------------------------------------------- COCO protocols
 
 
@@ -206,3 +282,40 @@ def test_nan_entries_are_refused_naming_where():
 def test_unknown_protocol_is_refused_with_the_choices():
     with pytest.raises(ProtocolError, match="coco5k, coco1k, f30k, generic"):
         evaluate(perfect(2), "coco")
+
+
+# ----------------------------------------------------------------------------- refusals of tensors
+
+
+@pytest.mark.parametrize("protocol,shape,expected", [
+    ("coco5k", (1000, 5000), "(5000, 25000)"),
+    ("f30k", (5000, 25000), "(1000, 5000)"),
+    ("generic", (50, 10), "(N, 5N)"),
+])
+def test_a_tensor_that_does_not_fit_the_protocol_is_refused_like_an_array(protocol, shape, expected):
+    tensor = torch.zeros(1).expand(shape)  # no memory for the big ones
+    with pytest.raises(ProtocolError) as err:
+        evaluate(tensor, protocol, source="split X")
+    with pytest.raises(ProtocolError) as np_err:
+        evaluate(np.broadcast_to(np.float32(0), shape), protocol, source="split X")
+    assert str(err.value) == str(np_err.value)
+    assert str(shape) in str(err.value) and expected in str(err.value) and "split X" in str(err.value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_tensor_entries_are_refused_naming_the_source_and_the_first(bad, dtype, device):
+    sims = perfect(4)
+    sims[2, 13] = sims[3, 1] = bad
+    with pytest.raises(ProtocolError) as err:
+        evaluate(torch.from_numpy(sims).to(device, dtype), "generic", source="split X")
+    with pytest.raises(ProtocolError) as np_err:
+        evaluate(sims, "generic", source="split X")
+    assert str(err.value) == str(np_err.value)
+    assert "split X: 2 non-finite entries (NaN or inf), the first at image 2, caption 13" in str(err.value)
+
+
+def test_an_integer_tensor_is_refused():
+    with pytest.raises(ProtocolError, match="dtype torch.int64 is not a floating-point similarity matrix"):
+        evaluate(torch.from_numpy(perfect(2)).long(), "generic")

@@ -197,6 +197,9 @@ class TrainConfig:
     validate_every_epochs: int = 1
     max_nonfinite_in_a_row: int = 10  # stop after this many non-finite losses in a row
     deterministic: bool = False  # torch deterministic algorithms (exact, slower)
+    # torch.compile the online and key towers: none | default | reduce-overhead
+    # (CUDA graphs) | max-autotune. Compiling costs minutes at start-up.
+    compile: str = "none"
     # Optional DeepSpeed JSON whose keys override the derived config.
     deepspeed_config: str = ""
     # Process-group timeout (seconds): how fast a dead peer is noticed.
@@ -233,6 +236,7 @@ CHOICES = {
     "queue.mode": ("replicated", "sharded"),
     "optim.schedule": ("step", "cosine", "constant"),
     "train.precision": ("bf16", "fp16", "fp32"),
+    "train.compile": ("none", "default", "reduce-overhead", "max-autotune"),
 }
 PROTOCOLS = ("coco5k", "coco1k", "f30k", "generic")
 
@@ -374,6 +378,11 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         fail("loss.mu", f"must be positive (it divides the log-sum-exp), got {cfg.loss.mu}")
     if t.zero_stage not in (0, 1, 2):
         fail("train.zero_stage", f"is {t.zero_stage}; valid choices: 0, 1, 2")
+    if t.compile == "reduce-overhead" and (t.grad_accum != 1 or t.zero_stage != 0):
+        # CUDA graph trees reuse the graphs' output memory at every step: gradients
+        # accumulated over micro-steps, or handed to ZeRO's reduction hooks, would be overwritten.
+        fail("train.compile", f"'reduce-overhead' (CUDA graphs) needs train.grad_accum=1 and train.zero_stage=0, got "
+             f"grad_accum={t.grad_accum}, zero_stage={t.zero_stage}; use train.compile=default instead")
     for p in ("caption_aug_prob", "region_drop_prob"):
         if not 0.0 <= getattr(cfg.data, p) < 1.0:
             fail(f"data.{p}", f"must be in [0, 1), got {getattr(cfg.data, p)}")

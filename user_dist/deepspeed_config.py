@@ -32,6 +32,26 @@ def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
     return ds
 
 
+def take_clipping(ds: Dict[str, Any]) -> float:
+    """Move gradient-norm clipping out of DeepSpeed where the training step
+    does it better; return the max norm the step must clip to (0: DeepSpeed
+    clips, or nobody).
+
+    Without ZeRO (and without fp16, whose loss-scaled gradients DeepSpeed
+    unscales before it clips) the gradients are whole and already averaged
+    over ranks after the backward, so one foreach norm and scale with no host
+    sync does it; DeepSpeed's ZeRO-0 clipping loops over the parameters in
+    Python, hundreds of small kernels per step. ``ds`` is the final config
+    (after the user's override) and is changed in place.
+    """
+    clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if clip <= 0 or stage != 0 or ds.get("fp16", {}).get("enabled", False):
+        return 0.0
+    ds["gradient_clipping"] = 0.0
+    return clip
+
+
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for k, v in d.items():

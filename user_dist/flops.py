@@ -50,10 +50,12 @@ class Part:
 
 def _gpo(length: int, cfg: ModelConfig, batch: int) -> Dict[str, Part]:
     """The pooling-weight table of GPO (user_dist.models.gpo): a BiGRU over
-    sequences of every length 1..length (packed: length(length+1)/2 steps per
-    direction, 3 gates each), and the score Linear on the padded
-    (length, length, hidden) output. Run once per forward: divided by B."""
-    steps = 2 * length * (length + 1) / 2  # both directions
+    2 x length unpacked sequences of length steps (every set length 1..length
+    left-aligned for the forward direction and right-aligned for the reverse
+    one; both directions run on all of them, 3 gates each), and the score
+    Linear on the (length, length, hidden) output. Run once per forward:
+    divided by B."""
+    steps = 2 * (2 * length) * length  # both directions over 2 length sequences of length steps
     pe, h = cfg.gpo_pe_dim, cfg.gpo_hidden
     return {
         # The positional encodings need no gradient: weight gradient only.

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import Config, to_yaml
-from .deepspeed_config import derive, with_user_override
+from .deepspeed_config import derive, take_clipping, with_user_override
 from .monitor import Monitor, to_host
 from .schedule import build_scheduler
 
@@ -123,13 +123,33 @@ class TrainStep:
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
+        self._clip = take_clipping(ds_cfg)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
         self.device = self.engine.device
+        if self.world == 1 and t.zero_stage == 0:
+            # One rank: DeepSpeed's gradient "all-reduce" would flatten every
+            # gradient into a bucket and copy it back, for nothing.
+            self.engine.enable_backward_allreduce = False
+        self._params = [p for p in self.engine.module.parameters() if p.requires_grad]
         # Input dtype: the module's (fp16 casts it; bf16 runs fp32 weights under autocast).
         self.dtype = next(self.engine.module.parameters()).dtype
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.momentum.to(self.device)
+        if self.device.type == "cuda":
+            # cuDNN wants each RNN's weights in one flat buffer; deep copies and
+            # device moves leave them apart, and every call then compacts them
+            # (a copy and a warning per GRU call). Done before anything (the
+            # optimiser's state, the momentum pairs) holds their storage. ZeRO
+            # 1-2 own the parameters' storage in their flat partitions: leave it.
+            for module in ([self.engine.module] if t.zero_stage == 0 else []) + [self.momentum.module]:
+                for m in module.modules():
+                    if isinstance(m, torch.nn.RNNBase):
+                        m.flatten_parameters()
+        if t.compile != "none":
+            # In place: parameter names, and so checkpoints, stay as they are.
+            self.engine.module.compile_towers(t.compile)
+            self.momentum.module.compile_towers(t.compile)
         self.queue = NegativeQueues(cfg.queue, cfg.model.embed_size, self.device)
         self._fault_nan = _parse_fault(os.environ.get("USER_DIST_FAULT_NAN", ""))
 
@@ -141,6 +161,10 @@ class TrainStep:
         norm before clipping, as a tensor), or None when the loss was not
         finite on some rank (then no rank stepped).
         """
+        if self.cfg.train.compile == "reduce-overhead":
+            # CUDA graph trees: a new step begins here, so the graphs' outputs of
+            # the last step (all consumed by now) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         b32 = _float_inputs_to(batch, self.device, torch.float32)  # the key towers are fp32
         # One copy to the device; a second cast only when the module is not fp32 (fp16).
         b = b32 if self.dtype == torch.float32 else _float_inputs_to(b32, self.device, self.dtype)
@@ -161,10 +185,13 @@ class TrainStep:
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         stats = dict(stats)
-        if grad_norm and boundary and self.cfg.train.zero_stage == 0:
-            # Without ZeRO, DeepSpeed clips but keeps no norm; the gradients are
-            # already averaged over ranks here (all-reduced in backward).
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if boundary and self._clip > 0:
+            # The gradients are whole and averaged over ranks here (ZeRO 0
+            # all-reduces in backward): every rank computes the same norm.
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self._clip, foreach=True)
+        elif grad_norm and boundary and self.cfg.train.zero_stage == 0:
+            # Without ZeRO, DeepSpeed keeps no norm.
+            grads = [p.grad for p in self._params if p.grad is not None]
             stats["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.engine.step()
         if boundary:

@@ -32,12 +32,22 @@ class EncodedSplit:
     input_ids: torch.Tensor  # (5N, L) int64, the captions' tokens (for the report's text)
     thumbnails: Optional[torch.Tensor]  # (N, 3, 64, 64) uint8 in 'jpg' mode, else None
 
-    def similarities(self, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-        """(N, 5N) float32 image x caption inner products, computed on ``device``, returned on the CPU.
+    def similarities(self, device: torch.device = torch.device("cpu"), keep_on_device: bool = False) -> torch.Tensor:
+        """(N, 5N) float32 image x caption inner products, computed on ``device``.
 
+        Returned on the CPU, or left on ``device`` with keep_on_device (metrics.evaluate
+        scores a tensor where it lives: COCO 5K's matrix is 500 MB).
         COCO 5K at E = 1024 is 128 GFLOP: milliseconds on a GPU, tens of seconds on one CPU core.
         """
-        return (self.images.to(device) @ self.captions.to(device).T).cpu()
+        sims = self.images.to(device) @ self.captions.to(device).T
+        return sims if keep_on_device else sims.cpu()
+
+
+def autocast_for(device: torch.device, dtype: Optional[torch.dtype] = None):
+    """The evaluation's precision on ``device``: autocast to ``dtype``; None means bf16 on CUDA
+    and fp32 (no autocast) elsewhere."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -77,17 +87,15 @@ def encode_split(model: torch.nn.Module, batches: Iterable[dict], device: torch.
                  dtype: Optional[torch.dtype] = None) -> EncodedSplit:
     """Run ``model.encode_image`` / ``encode_text`` over the split, gather ranks, order.
 
-    Precision: autocast to ``dtype``; None means bf16 on CUDA and fp32
-    elsewhere. Embeddings come back as float32 on the CPU. Every rank must
+    Precision: autocast_for(device, dtype), bf16 on CUDA and fp32
+    elsewhere by default. Embeddings come back as float32 on the CPU. Every rank must
     call this (it gathers across the process group).
     Raises:
         ValueError: the batches do not cover images 0..N-1 exactly once, or a
             batch does not hold 5 captions per image.
     """
     model.eval()
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    autocast = (contextlib.nullcontext() if dtype == torch.float32
-                else torch.autocast(device.type, dtype=dtype))
+    autocast = autocast_for(device, dtype)
     index, img, cap, ids, thumbs = [], [], [], [], []
     for batch in batches:
         b = batch["image_index"].shape[0]

@@ -9,7 +9,8 @@ temperature 0.1 over the k positions gives the weights.
 
 Because the weights depend only on k, they are computed once per forward for
 every length 1..L at once (L sequences through the GRU) and gathered per
-sample by its length: no host-side lengths, no loop over the batch.
+sample by its length: no host-side lengths, no host sync, no loop over the
+batch.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 # Softmax temperature of the pooling weights (VSE-infinity).
 _TEMPERATURE = 0.1
@@ -43,19 +43,40 @@ class GPO(nn.Module):
         self.gru = nn.GRU(pe_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden, 1, bias=False)
 
+    # torch.compile cannot trace an RNN: this runs eagerly (cuDNN) between
+    # the compiled parts, with one clean graph break instead of a failed trace.
+    @torch.compiler.disable
     def weights_by_length(self, max_len: int) -> torch.Tensor:
         """Pooling weights of every set length: (max_len, max_len); row k-1
-        holds the weights of a set of length k (zeros after position k)."""
+        holds the weights of a set of length k (zeros after position k).
+
+        The L sequences go through the GRU unpacked, so nothing leaves the
+        device (packing wants CPU lengths, and moving them is a host sync on a
+        GPU): the forward direction reads sequence k left-aligned, where it
+        sees only positions 0..j at step j; the reverse direction reads it
+        right-aligned, where it starts at position k-1 from a zero state, as
+        on the unpadded sequence. Both are one GRU call over 2L sequences.
+        """
         param = self.score.weight
-        pe = positional_encoding(max_len, self.pe_dim, param.device, param.dtype)
-        lengths = torch.arange(1, max_len + 1)  # CPU by contract of pack_padded_sequence; no device sync
-        valid = torch.arange(max_len, device=param.device)[None, :] < lengths.to(param.device)[:, None]  # (L, L)
-        seqs = pe[None].expand(max_len, -1, -1) * valid[..., None]  # (L, L, pe_dim)
-        packed = pack_padded_sequence(seqs, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)
+        L, dev = max_len, param.device
+        pe = positional_encoding(L, self.pe_dim, dev, param.dtype)
+        pos = torch.arange(L, device=dev)
+        lengths = pos + 1  # (L,): row r is a set of length r + 1
+        valid = pos[None, :] < lengths[:, None]  # (L, L) left-aligned real positions
+        left = pe[None].expand(L, -1, -1) * valid[..., None]  # (L, L, pe_dim)
+        src = pos[None, :] - (L - lengths)[:, None]  # right-aligned: slot p holds position p - (L - k)
+        right = pe[src.clamp(min=0)] * (src >= 0)[..., None]  # (L, L, pe_dim)
+        # The GRU is tiny: keep it in its own (fp32) precision under autocast,
+        # or every call would cast the weights into a new, non-contiguous set
+        # that cuDNN must compact again.
+        with torch.autocast(dev.type, enabled=False):
+            out = self.gru(torch.cat([left, right]))[0]  # (2L, L, 2 hidden)
         half = out.shape[-1] // 2
-        out = (out[..., :half] + out[..., half:]) / 2  # (L, L, hidden): mean of both directions
-        scores = self.score(out).squeeze(-1).masked_fill(~valid, float("-inf"))  # (L, L)
+        fwd = out[:L, :, :half]
+        # Position j of length k sits at slot j + L - k of the right-aligned row.
+        back_idx = (pos[None, :] + (L - lengths)[:, None]) % L  # (L, L)
+        bwd = out[L:, :, half:].gather(1, back_idx[..., None].expand(-1, -1, half))
+        scores = self.score((fwd + bwd) / 2).squeeze(-1).masked_fill(~valid, float("-inf"))  # (L, L)
         return torch.softmax(scores / _TEMPERATURE, dim=-1)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,19 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(batch), self.encode_text(batch)
 
+    def compile_towers(self, mode: str = "default") -> None:
+        """torch.compile the towers' parts in place (parameter names unchanged):
+        every child module of each tower but GPO, whose GRU Dynamo cannot
+        trace, and single Linears, which gain nothing. Compiling parts instead
+        of the whole forward keeps GPO out of the graphs, instead of breaking
+        every enclosing graph around it."""
+        from user_dist.models.gpo import GPO
+
+        for tower in (self.image_tower, self.text_tower):
+            for child in tower.children():
+                if not isinstance(child, (GPO, nn.Linear)):
+                    child.compile(mode=mode)
+
     def train(self, mode: bool = True) -> "RetrievalModel":
         super().train(mode)
         if self.clip is not None:

@@ -22,7 +22,9 @@ def build_encoder(cfg: TextEncoderConfig) -> nn.Module:
     """A transformers encoder whose output has ``last_hidden_state`` (B, L, H)."""
     import transformers
 
-    drop = dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    # SDPA attention, always: TextTower hands it a ready (B, 1, 1, L) boolean mask.
+    drop = dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                attn_implementation="sdpa")
     if cfg.pretrained_path:
         if not os.path.isfile(os.path.join(cfg.pretrained_path, "config.json")):
             raise FileNotFoundError(f"model.text.pretrained_path '{cfg.pretrained_path}' holds no config.json: "
@@ -60,9 +62,13 @@ class TextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 clip_text: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        mask = attention_mask.bool()  # (B, L)
+        # A 4-D mask reaches SDPA as it is. From a 2-D one transformers first
+        # asks whether any token is padded (padding_mask.all()), a host sync
+        # per forward on a GPU, to drop the mask when none is.
+        hidden = self.encoder(input_ids=input_ids,
+                              attention_mask=mask[:, None, None, :]).last_hidden_state  # (B, L, H)
         x = self.linear(hidden)  # (B, L, E)
-        mask = attention_mask.bool()
         if self.clip_guide is not None:
             x = enhance(x, self.clip_guide(clip_text), mask, self.enhance_lambda)
         return F.normalize(self.gpo(x, mask), dim=-1)
