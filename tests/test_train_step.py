@@ -11,6 +11,14 @@ from user_dist.config import load_config
 from user_dist.deepspeed_config import derive, take_clipping
 
 
+def step_check(name: str) -> dict:
+    """Run tests/scripts/step_checks.py NAME (its own process group) and return its JSON."""
+    proc = subprocess.run([PYTHON, os.path.join(ROOT, "tests", "scripts", "step_checks.py"), name],
+                          env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("overrides, moved", [
     (["train.zero_stage=0", "train.precision=fp32"], True),
     (["train.zero_stage=0", "train.precision=bf16"], True),
@@ -36,10 +44,7 @@ def test_a_user_override_to_zero_2_keeps_clipping_in_deepspeed():
 
 @pytest.mark.slow
 def test_own_clipping_updates_the_weights_like_deepspeeds_clipping():
-    proc = subprocess.run([PYTHON, os.path.join(ROOT, "tests", "scripts", "clip_step.py")], env=child_env(),
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = step_check("clip")
     assert r["own_clip"] == 0.05 and r["own_ds_gradient_clipping"] == 0.0
     assert r["deepspeed_clip"] == 0.0 and r["ds_ds_gradient_clipping"] == 0.05
     assert r["grad_norm"] > 0.05  # the clip is active in this step
@@ -55,11 +60,8 @@ def test_own_clipping_updates_the_weights_like_deepspeeds_clipping():
 def test_compiled_towers_train_like_eager_ones():
     """train.compile=default (inductor on the CPU here): the same losses over
     two steps, the same checkpoint keys, and GPO left eager (an RNN)."""
-    proc = subprocess.run([PYTHON, os.path.join(ROOT, "tests", "scripts", "compile_step.py")], env=child_env(),
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = step_check("compile")
     # The second loss is computed with the weights after one optimiser step.
-    assert r["compiled_losses"] == pytest.approx(r["eager_losses"], rel=1e-5, abs=1e-6)
+    assert r["default_losses"] == pytest.approx(r["none_losses"], rel=1e-5, abs=1e-6)
     assert r["same_state_keys"]
     assert set(r["compiled_modules"]) == {"SGE", "Projection", "BertModel"}
