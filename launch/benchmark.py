@@ -88,7 +88,7 @@ def caption_lengths(spec: str) -> range:
 
 def synthetic_batch(cfg: Config, batch: int, regions: int, lengths: range, seed: int) -> Dict[str, torch.Tensor]:
     """A training batch as the loader yields it (CPU tensors, docs/architecture.md):
-    regions (B, R, F) all real, captions of random lengths in ``lengths``
+    regions (B, R, F) float16 all real, captions of random lengths in ``lengths``
     padded to the batch's longest, unique image ids."""
     g = torch.Generator().manual_seed(seed)
     n_tok = torch.randint(lengths.start, lengths.stop, (batch,), generator=g)
@@ -98,7 +98,8 @@ def synthetic_batch(cfg: Config, batch: int, regions: int, lengths: range, seed:
     ids = torch.randint(min(1000, vocab // 2), vocab, (batch, L), generator=g) * attention  # no special tokens
     ids[:, 0] = 101  # [CLS]
     ids[torch.arange(batch), n_tok - 1] = 102  # [SEP]
-    return {"regions": torch.relu(torch.randn(batch, regions, cfg.model.region_dim, generator=g)),
+    # float16 regions, as the loader hands over the shards' features (the step converts on the device).
+    return {"regions": torch.relu(torch.randn(batch, regions, cfg.model.region_dim, generator=g)).half(),
             "region_mask": torch.ones(batch, regions, dtype=torch.bool),
             "input_ids": ids, "attention_mask": attention,
             "image_ids": torch.arange(seed * batch, (seed + 1) * batch)}

@@ -160,9 +160,12 @@ class Batcher:
             if self.region_drop > 0 and rng is not None:
                 regions = [self.drop_regions(r, rng) for r in regions]
             longest, dim = max(len(r) for r in regions), regions[0].shape[1]
-            # Fill a fresh (B, R, F) float32 tensor in place: one float16->float32 pass, and only the
-            # padding rows zeroed (a fresh large buffer costs page faults; avoid making two).
-            padded = torch.empty(len(regions), longest, dim)
+            # The shards' dtype travels (float16 as written by data_shards): half the bytes to
+            # copy here, to pin and to send to the device, which converts (TrainStep, encode_split).
+            # Fill a fresh (B, R, F) tensor in place, only the padding rows zeroed (a fresh large
+            # buffer costs page faults; avoid making two).
+            dtype = torch.float16 if regions[0].dtype == np.float16 else torch.float32
+            padded = torch.empty(len(regions), longest, dim, dtype=dtype)
             mask = torch.zeros(len(regions), longest, dtype=torch.bool)
             for k, r in enumerate(regions):
                 padded[k, :len(r)].copy_(_readonly_tensor(r))

@@ -51,7 +51,16 @@ def autocast_for(device: torch.device, dtype: Optional[torch.dtype] = None):
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors to the device; floating ones as float32 (the loader keeps the
+    shards' float16 regions), like TrainStep does."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and v.dtype != torch.float32:
+                v = v.float()
+        out[k] = v
+    return out
 
 
 def _thumbnails(images: torch.Tensor) -> torch.Tensor:
