@@ -629,7 +629,9 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
     - in-batch features, all-gathered with gradient (user_dist.loss): image and
       text, forward 2 W B E x 4 and their backward reduce-scatter 2 W B E x 4;
       image ids W B x 8
-    - keys enqueued (user_dist.queue): 2 W B E x 4 + ids W B x 8
+    - keys enqueued (user_dist.queue): replicated, all-gathered: 2 W B E x 4
+      + ids W B x 8; sharded, sent to their slots' owners in one all-to-all
+      (payload: what a rank sends): 2 B E x 4 + ids B x 8
     - finite-loss agreement: 4 (clipping without ZeRO needs no collective:
       the averaged gradients are equal on every rank)
     - synced BatchNorm statistics of the online towers (train mode): per norm
@@ -646,7 +648,8 @@ def comm_formula(cfg: Config, world: int, n_params: int, norm_widths: Sequence[i
     out = {
         "gradient all-reduce": n_params * grad_bytes,
         "in-batch features (gather + backward reduce-scatter)": 4 * W * B * E * FP32 + W * B * INT64,
-        "keys to the queue (gather)": 2 * W * B * E * FP32 + W * B * INT64,
+        # Replicated: every rank gathers every key; sharded: each key goes to its slot's owner (all-to-all).
+        "keys to the queue": (2 * E * FP32 + INT64) * B * (W if cfg.queue.mode == "replicated" else 1),
         "finite-loss check": INT32,
         "synced norms (gather + backward reduce-scatter)": norms * (3 if cfg.queue.key_train_mode else 2),
     }
@@ -794,7 +797,8 @@ def project(cfg: Config, compute_ms: float, worlds: Sequence[int], gpus_per_node
     for W in worlds:
         parts = comm_formula(cfg, W, n_params, norms)
         grad = parts["gradient all-reduce"]
-        gathered = parts["keys to the queue (gather)"] + parts["in-batch features (gather + backward reduce-scatter)"] / 2
+        # Moved about once over the ring: gathers (their output) and the keys' all-to-all (its input).
+        gathered = parts["keys to the queue"] + parts["in-batch features (gather + backward reduce-scatter)"] / 2
         reduced = sum(parts.values()) - grad - gathered  # the backward all-reduces and small statistics
         g = min(W, gpus_per_node)
         nodes = max(1, W // gpus_per_node)

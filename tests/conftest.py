@@ -30,6 +30,26 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def run_forked_ranks(target, world: int, *args, timeout: float = 240, between=None) -> None:
+    """Run ``target(rank, *args)`` in ``world`` forked processes (they reuse
+    this process's imports) and fail naming the rank that did not exit 0.
+    ``between``, if given, runs here while the ranks do."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    if between is not None:
+        between()
+    for p in procs:
+        p.join(timeout=timeout)
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}); its traceback is in the captured stderr"
+
+
 def kill_job(proc, marker: str) -> None:
     """SIGKILL a launcher and every process whose command line holds ``marker``:
     torchrun starts its workers in sessions of their own, so killing the

@@ -56,12 +56,18 @@ def test_two_ranks_communicate_exactly_the_formula_bytes(run, mode):
 
 
 @pytest.mark.slow
-def test_sharded_mode_adds_only_per_query_statistics(run):
-    """Max all-reduce (2 W B floats) + sums/active/count all-reduce (6 W B) and
-    its backward (6 W B): 56 W B bytes, whatever the pool size."""
+def test_sharded_mode_sends_keys_to_their_owners_and_adds_only_per_query_statistics(run):
+    """Sharded vs replicated, whatever the pool size: + the max all-reduce
+    (2 W B floats), the sums/active/count all-reduce (6 W B) and its backward
+    (6 W B), 56 W B bytes; - the keys: each rank sends its own B keys (image +
+    text fp32, id int64) to their slots' owners instead of gathering all W B."""
     d = run[1]["dist"]
+    key_bytes = 2 * EMBED * 4 + 8
+    assert d["replicated"]["bytes_per_step"]["enqueue keys: all_gather"] == WORLD * BATCH * key_bytes
+    assert d["sharded"]["bytes_per_step"]["enqueue keys: all_to_all_single"] == BATCH * key_bytes
+    assert not any(k.startswith("enqueue keys") and "all_gather" in k for k in d["sharded"]["bytes_per_step"])
     extra = sum(d["sharded"]["bytes_per_step"].values()) - sum(d["replicated"]["bytes_per_step"].values())
-    assert extra == 56 * WORLD * BATCH
+    assert extra == 56 * WORLD * BATCH - (WORLD - 1) * BATCH * key_bytes
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ statistics are synchronised across ranks (model.sync_norm, the default), so
 the losses, every parameter's gradient at every step, the momentum towers
 and the queue pool agree to float32 tolerance. Dropout is off.
 """
-import multiprocessing
 import os
 import traceback
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import free_port
+from conftest import free_port, run_forked_ranks
 from dist_scripts.tiny_setup import train_steps
 
 WORLD, SIZE_PER_RANK = 2, 6
@@ -49,17 +48,12 @@ def runs(tmp_path_factory):
     import transformers
 
     transformers.BertModel  # noqa: B018 (resolves the lazy import before forking)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    single = train_steps("replicated", WORLD * SIZE_PER_RANK)  # one process, the global batch
-    for p in procs:
-        p.join(timeout=240)
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}); its traceback is in the captured stderr"
+    single = {}
+
+    def one_process():  # the global batch, while the ranks run
+        single.update(train_steps("replicated", WORLD * SIZE_PER_RANK))
+
+    run_forked_ranks(_rank_main, WORLD, port, out, between=one_process)
     load = lambda mode: torch.load(f"{out}.{mode}.pt", weights_only=True)  # noqa: E731
     return {"single": single, "replicated": load("replicated"), "sharded": load("sharded")}
 

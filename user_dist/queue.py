@@ -5,10 +5,14 @@ Every step the keys of all ranks are all-gathered (rank order) and written
 at the ring pointer, wrapping at P (no divisibility assumption); the oldest
 entries are overwritten (FIFO). Slot s belongs to rank s // size_per_rank.
 
-- ``replicated``: every rank stores all P slots (like MoCo).
+- ``replicated``: every rank stores all P slots (like MoCo); the keys of all
+  ranks are all-gathered every step (each rank receives W B keys).
 - ``sharded``: a rank stores only its own size_per_rank slots; the loss over
   the pool is computed distributed (user_dist.loss), so per-rank memory is
-  constant as the cluster grows. Both modes hold the same pool, slot for slot.
+  constant as the cluster grows. Each key goes straight to the rank that owns
+  its slot (one all-to-all whose split sizes follow from the pointer, on the
+  host): a rank sends its B keys and receives at most size_per_rank, instead
+  of all W B. Both modes hold the same pool, slot for slot.
 
 Entries are written in order from slot 0, so the filled slots are always the
 global prefix [0, fill): empty slots are simply never read. Pointer and fill
@@ -17,14 +21,44 @@ here waits for the device.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
 from user_dist.config import QueueConfig
 from user_dist.distributed import all_gather_nograd, rank, world_size
 
 MODES = ("replicated", "sharded")
+
+
+class Segment(NamedTuple):
+    """A run of consecutive keys of one step that land in one rank's slots."""
+
+    source: int  # the rank whose batch holds them
+    row: int  # first row in that rank's batch
+    owner: int  # the rank that stores them
+    slot: int  # first global slot
+    length: int
+
+
+def write_segments(ptr: int, world: int, batch: int, pool: int, size_per_rank: int) -> List[Segment]:
+    """Where one step's W x B keys go: global key j = source x B + row lands in
+    slot (ptr + j) mod pool, owned by rank slot // size_per_rank. Runs of
+    consecutive keys with the same source and owner, in key order; host
+    arithmetic only (ptr is a host integer)."""
+    out = []
+    n = world * batch
+    j = 0
+    while j < n:
+        slot = (ptr + j) % pool
+        owner = slot // size_per_rank
+        source = j // batch
+        # The run ends at the source's last row, the owner's last slot or the end of the pool.
+        length = min(n - j, (source + 1) * batch - j, (owner + 1) * size_per_rank - slot, pool - slot)
+        out.append(Segment(source, j - source * batch, owner, slot, length))
+        j += length
+    return out
 
 
 class NegativeQueues:
@@ -70,13 +104,16 @@ class NegativeQueues:
 
         Collective: every rank must call it with the same B.
         """
-        img = all_gather_nograd(img_k.detach().float())  # (W*B, E)
-        txt = all_gather_nograd(txt_k.detach().float())
-        ids = all_gather_nograd(image_ids.to(self.ids.device, torch.long))
-        n = img.shape[0]
+        n = self.world * img_k.shape[0]
         if n > self.pool_size:
             raise ValueError(f"{n} keys per step (world {self.world} x batch {img_k.shape[0]}) do not fit a pool "
                              f"of {self.pool_size}; raise queue.size_per_rank to at least train.batch_size")
+        if self.sharded and self.world > 1:
+            self._enqueue_to_owners(img_k, txt_k, image_ids)
+            return
+        img = all_gather_nograd(img_k.detach().float())  # (W*B, E)
+        txt = all_gather_nograd(txt_k.detach().float())
+        ids = all_gather_nograd(image_ids.to(self.ids.device, torch.long))
         # Split the ring write [ptr, ptr + n) at the wrap, then keep what lies in [offset, offset + local).
         start = 0
         for lo in (self.ptr, 0) if self.ptr + n > self.pool_size else (self.ptr,):
@@ -90,6 +127,37 @@ class NegativeQueues:
             start += hi - lo
         self.ptr = (self.ptr + n) % self.pool_size
         self.fill = min(self.fill + n, self.pool_size)
+
+    def _enqueue_to_owners(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor) -> None:
+        """Sharded enqueue: every key travels only to the rank that stores its
+        slot, in one all-to-all for the embeddings and one for the ids."""
+        B = img_k.shape[0]
+        segs = write_segments(self.ptr, self.world, B, self.pool_size, self.size_per_rank)
+        # What this rank sends, by destination rank (all_to_all's order), and what it receives, by source.
+        mine = sorted((s for s in segs if s.source == self.rank), key=lambda s: (s.owner, s.row))
+        theirs = sorted((s for s in segs if s.owner == self.rank), key=lambda s: (s.source, s.row))
+        send = [0] * self.world
+        for seg in mine:
+            send[seg.owner] += seg.length
+        recv = [0] * self.world
+        for seg in theirs:
+            recv[seg.source] += seg.length
+        keys = torch.cat([img_k.detach().float(), txt_k.detach().float()], 1)  # (B, 2E)
+        ids = image_ids.to(self.ids.device, torch.long)
+        rows = lambda t: torch.cat([t[s.row:s.row + s.length] for s in mine]) if mine else t[:0]  # noqa: E731
+        got_keys = keys.new_empty(sum(recv), keys.shape[1])
+        got_ids = ids.new_empty(sum(recv))
+        dist.all_to_all_single(got_keys, rows(keys).contiguous(), recv, send)
+        dist.all_to_all_single(got_ids, rows(ids).contiguous(), recv, send)
+        E, at = self.embed_size, 0
+        for seg in theirs:
+            a = seg.slot - self.offset
+            self.image[a:a + seg.length] = got_keys[at:at + seg.length, :E]
+            self.text[a:a + seg.length] = got_keys[at:at + seg.length, E:]
+            self.ids[a:a + seg.length] = got_ids[at:at + seg.length]
+            at += seg.length
+        self.ptr = (self.ptr + self.world * B) % self.pool_size
+        self.fill = min(self.fill + self.world * B, self.pool_size)
 
     # ------------------------------------------------------------------ checkpointing
 
