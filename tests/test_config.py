@@ -55,6 +55,7 @@ def test_wrong_type_names_the_key():
     ("queue.momentum=1.0", "queue.momentum"),
     ("train.zero_stage=3", "train.zero_stage"),
     ("train.compile=fast", "train.compile"),
+    ("data.pad_to_multiple=0", "data.pad_to_multiple"),
     ("eval.protocols=[coco2k]", "eval.protocols"),
     ("train.resume=/does/not/exist", "train.resume"),
 ])

@@ -34,6 +34,16 @@ def test_encode_adds_cls_sep_pads_and_truncates(tokenizer):
     assert ids.shape == (2, 6) and ids[1, -1].item() == sep and mask[1].tolist() == [1] * 6
 
 
+@pytest.mark.parametrize("multiple, expected", [(1, 7), (4, 8), (6, 12), (32, 32)])
+def test_pad_to_multiple_fixes_the_length_without_changing_the_tokens(tokenizer, multiple, expected):
+    caps = ["a cat", "a dog on a mat", "red"]  # the longest is 7 tokens with [CLS] and [SEP]
+    plain_ids, plain_mask = CaptionEncoder(tokenizer, max_len=32).encode(caps)
+    ids, mask = CaptionEncoder(tokenizer, max_len=32, pad_to_multiple=multiple).encode(caps)
+    assert plain_ids.shape == (3, 7) and ids.shape == (3, expected)
+    assert ids[:, :7].equal(plain_ids) and mask[:, :7].equal(plain_mask)
+    assert (mask[:, 7:] == 0).all() and (ids[:, 7:] == tokenizer.pad_token_id).all()
+
+
 def test_words_keep_the_pieces_of_one_word_together(tokenizer):
     [words] = CaptionEncoder(tokenizer, 32).words(["a rhombus"])
     assert len(words) == 2 and len(words[1]) > 1

@@ -44,6 +44,10 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes per rank
     shuffle_buffer: int = 2000  # pairs held in the shuffle buffer of each worker
     max_text_len: int = 32  # tokens per caption after truncation
+    # Pad each batch's captions to a multiple of this many tokens (1 = to the
+    # batch's longest). max_text_len gives every batch the same shape, which
+    # train.compile (and its CUDA graphs) needs to avoid recompiling.
+    pad_to_multiple: int = 1
     # Image size for 'jpg' mode (square resize).
     image_size: int = 224
     # Caption augmentation (method.md): each token is picked with prob p; of the
@@ -354,6 +358,7 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         "train.batch_size": t.batch_size, "train.epochs": t.epochs, "train.grad_accum": t.grad_accum,
         "model.embed_size": m.embed_size, "model.region_dim": m.region_dim,
         "data.max_text_len": cfg.data.max_text_len, "eval.batch_size": cfg.eval.batch_size,
+        "data.pad_to_multiple": cfg.data.pad_to_multiple,
         "train.log_every": t.log_every, "train.keep_last": t.keep_last,
         "train.dist_timeout_s": t.dist_timeout_s,
     }

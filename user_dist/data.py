@@ -147,7 +147,7 @@ class Batcher:
 
     def __init__(self, data_cfg: DataConfig, tokenizer, train: bool):
         aug = data_cfg.caption_aug_prob if (train and data_cfg.caption_aug) else 0.0
-        self.text = CaptionEncoder(tokenizer, data_cfg.max_text_len, aug)
+        self.text = CaptionEncoder(tokenizer, data_cfg.max_text_len, aug, data_cfg.pad_to_multiple)
         self.region_drop = data_cfg.region_drop_prob if train else 0.0
         # (x / 255 - mean) / std  ==  x * scale - shift, per channel
         self.scale = 1.0 / (255.0 * torch.tensor(IMAGE_STD).view(1, 3, 1, 1))

@@ -66,9 +66,10 @@ class CaptionEncoder:
         tokenizer: from :func:`build_tokenizer`.
         max_len: maximum length including [CLS] and [SEP] (data.max_text_len).
         aug_prob: word pick probability of the augmentation (used when encode gets an rng).
+        pad_to_multiple: pad each batch to a multiple of this many tokens (data.pad_to_multiple).
     """
 
-    def __init__(self, tokenizer, max_len: int, aug_prob: float = 0.0):
+    def __init__(self, tokenizer, max_len: int, aug_prob: float = 0.0, pad_to_multiple: int = 1):
         if max_len < 3:
             raise ConfigError(f"config key 'data.max_text_len' must be at least 3, got {max_len}")
         # A private copy of the Rust tokenizer without the padding/truncation that
@@ -76,7 +77,7 @@ class CaptionEncoder:
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_padding()
         self.backend.no_truncation()
-        self.max_len = max_len
+        self.max_len, self.multiple = max_len, max(1, pad_to_multiple)
         self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
         self.augment = CaptionAugment(aug_prob, tokenizer.mask_token_id, len(tokenizer),
                                       frozenset(tokenizer.all_special_ids)) if aug_prob > 0 else None
@@ -97,7 +98,8 @@ class CaptionEncoder:
 
     def encode(self, captions: Sequence[str],
                rng: Optional[np.random.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(N,) captions -> input_ids, attention_mask, both (N, L) int64, L <= max_len.
+        """(N,) captions -> input_ids, attention_mask, both (N, L) int64: L is the
+        longest caption (at most max_len) rounded up to a multiple of pad_to_multiple.
 
         rng: augment the captions with this generator (training); None = no augmentation.
         """
@@ -108,7 +110,7 @@ class CaptionEncoder:
             else:
                 ids = [t for w in words for t in w]
             pieces.append([self.cls] + ids[:self.max_len - 2] + [self.sep])
-        length = max(len(p) for p in pieces)
+        length = -(-max(len(p) for p in pieces) // self.multiple) * self.multiple
         input_ids = np.full((len(pieces), length), self.pad, dtype=np.int64)
         mask = np.zeros((len(pieces), length), dtype=np.int64)
         for k, p in enumerate(pieces):
