@@ -144,11 +144,14 @@ class NegativeQueues:
             recv[seg.source] += seg.length
         keys = torch.cat([img_k.detach().float(), txt_k.detach().float()], 1)  # (B, 2E)
         ids = image_ids.to(self.ids.device, torch.long)
-        rows = lambda t: torch.cat([t[s.row:s.row + s.length] for s in mine]) if mine else t[:0]  # noqa: E731
+
+        def outgoing(t: torch.Tensor) -> torch.Tensor:  # this rank's rows in send order
+            return torch.cat([t[s.row:s.row + s.length] for s in mine]) if mine else t[:0]
+
         got_keys = keys.new_empty(sum(recv), keys.shape[1])
         got_ids = ids.new_empty(sum(recv))
-        dist.all_to_all_single(got_keys, rows(keys).contiguous(), recv, send)
-        dist.all_to_all_single(got_ids, rows(ids).contiguous(), recv, send)
+        dist.all_to_all_single(got_keys, outgoing(keys).contiguous(), recv, send)
+        dist.all_to_all_single(got_ids, outgoing(ids).contiguous(), recv, send)
         E, at = self.embed_size, 0
         for seg in theirs:
             a = seg.slot - self.offset
