@@ -72,3 +72,15 @@ def test_pooling_weights_depend_only_on_the_length():
     torch.testing.assert_close(table.sum(1), torch.ones(7, dtype=torch.float64))
     assert torch.all(table.triu(1) == 0)  # a set of length k puts no weight past position k
     torch.testing.assert_close(gpo.weights_by_length(3), table[:3, :3])
+
+
+def test_length_inputs_built_once_serve_training_after_inference_mode():
+    torch.manual_seed(0)
+    gpo = GPO(pe_dim=8, hidden=6)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.inference_mode():  # the cached GRU inputs are built here first
+        gpo(torch.randn(2, 5, 3), mask)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    gpo(x, mask).sum().backward()
+    assert x.grad is not None and gpo.gru.weight_hh_l0.grad is not None
+    assert len(gpo._inputs) == 1  # one length, one device, one dtype: built once

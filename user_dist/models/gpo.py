@@ -15,6 +15,7 @@ batch.
 from __future__ import annotations
 
 import math
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,31 @@ class GPO(nn.Module):
         self.pe_dim = pe_dim
         self.gru = nn.GRU(pe_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden, 1, bias=False)
+        # The GRU's inputs depend only on the set length: built once per
+        # (length, device, dtype), not at every forward (a dozen small kernels).
+        self._inputs: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def gru_inputs(self, max_len: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 2L unpacked GRU sequences (2L, L, pe_dim), the real positions of
+        each length (L, L) bool, and where the reverse direction's output of
+        position j of length k sits: (L, L, 1) indices into the right-aligned rows."""
+        key = (max_len, str(device), dtype)
+        if key not in self._inputs:
+            with torch.inference_mode(False):  # usable by autograd later, whatever mode builds them
+                self._inputs[key] = self._build_inputs(max_len, device, dtype)
+        return self._inputs[key]
+
+    def _build_inputs(self, max_len: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        L = max_len
+        pe = positional_encoding(L, self.pe_dim, device, dtype)
+        pos = torch.arange(L, device=device)
+        lengths = pos + 1  # (L,): row r is a set of length r + 1
+        valid = pos[None, :] < lengths[:, None]  # (L, L) left-aligned real positions
+        left = pe[None].expand(L, -1, -1) * valid[..., None]  # (L, L, pe_dim)
+        src = pos[None, :] - (L - lengths)[:, None]  # right-aligned: slot p holds position p - (L - k)
+        right = pe[src.clamp(min=0)] * (src >= 0)[..., None]  # (L, L, pe_dim)
+        back_idx = (pos[None, :] + (L - lengths)[:, None]) % L  # slot j + L - k of the right-aligned row
+        return torch.cat([left, right]), valid, back_idx[..., None]
 
     # torch.compile cannot trace an RNN: this runs eagerly (cuDNN) between
     # the compiled parts, with one clean graph break instead of a failed trace.
@@ -58,24 +84,16 @@ class GPO(nn.Module):
         on the unpadded sequence. Both are one GRU call over 2L sequences.
         """
         param = self.score.weight
-        L, dev = max_len, param.device
-        pe = positional_encoding(L, self.pe_dim, dev, param.dtype)
-        pos = torch.arange(L, device=dev)
-        lengths = pos + 1  # (L,): row r is a set of length r + 1
-        valid = pos[None, :] < lengths[:, None]  # (L, L) left-aligned real positions
-        left = pe[None].expand(L, -1, -1) * valid[..., None]  # (L, L, pe_dim)
-        src = pos[None, :] - (L - lengths)[:, None]  # right-aligned: slot p holds position p - (L - k)
-        right = pe[src.clamp(min=0)] * (src >= 0)[..., None]  # (L, L, pe_dim)
+        L = max_len
+        seqs, valid, back_idx = self.gru_inputs(L, param.device, param.dtype)
         # The GRU is tiny: keep it in its own (fp32) precision under autocast,
         # or every call would cast the weights into a new, non-contiguous set
         # that cuDNN must compact again.
-        with torch.autocast(dev.type, enabled=False):
-            out = self.gru(torch.cat([left, right]))[0]  # (2L, L, 2 hidden)
+        with torch.autocast(param.device.type, enabled=False):
+            out = self.gru(seqs)[0]  # (2L, L, 2 hidden)
         half = out.shape[-1] // 2
         fwd = out[:L, :, :half]
-        # Position j of length k sits at slot j + L - k of the right-aligned row.
-        back_idx = (pos[None, :] + (L - lengths)[:, None]) % L  # (L, L)
-        bwd = out[L:, :, half:].gather(1, back_idx[..., None].expand(-1, -1, half))
+        bwd = out[L:, :, half:].gather(1, back_idx.expand(-1, -1, half))
         scores = self.score((fwd + bwd) / 2).squeeze(-1).masked_fill(~valid, float("-inf"))  # (L, L)
         return torch.softmax(scores / _TEMPERATURE, dim=-1)
 
