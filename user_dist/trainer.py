@@ -127,7 +127,8 @@ class TrainStep:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
         self.device = self.engine.device
-        if self.world == 1 and t.zero_stage == 0:
+        zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
+        if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
             # gradient into a bucket and copy it back, for nothing.
             self.engine.enable_backward_allreduce = False
@@ -142,7 +143,7 @@ class TrainStep:
             # (a copy and a warning per GRU call). Done before anything (the
             # optimiser's state, the momentum pairs) holds their storage. ZeRO
             # 1-2 own the parameters' storage in their flat partitions: leave it.
-            for module in ([self.engine.module] if t.zero_stage == 0 else []) + [self.momentum.module]:
+            for module in ([self.engine.module] if zero == 0 else []) + [self.momentum.module]:
                 for m in module.modules():
                     if isinstance(m, torch.nn.RNNBase):
                         m.flatten_parameters()
