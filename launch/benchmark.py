@@ -393,7 +393,6 @@ def sync_points(state, batch: dict) -> List[str]:
     import warnings
 
     found: Dict[str, int] = defaultdict(int)
-    showwarning = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
@@ -404,18 +403,14 @@ def sync_points(state, batch: dict) -> List[str]:
               f"{str(message)[:80]}"] += 1
 
     sync(state.device)
-    warnings.showwarning = record
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                micro_step(state, batch)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    finally:
-        warnings.showwarning = showwarning
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            micro_step(state, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return [f"{n} x {k}" for k, n in sorted(found.items(), key=lambda kv: -kv[1])]
 
 

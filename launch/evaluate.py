@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from user_dist.config import load_config  # noqa: E402
 from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
-                                          evaluate)
+                                          evaluate, i2t_ranks_torch, t2i_ranks_torch)
 from user_dist.evaluation.report import format_table  # noqa: E402
 
 log = logging.getLogger("user_dist.evaluate")
@@ -167,7 +167,9 @@ class CheckpointEvaluator:
         # Scored where the matrix is computed; only the rank vectors come back per protocol.
         sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
         results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
-        sims = sims.cpu().numpy()  # once, for the report's examples and curves and sims.npy
+        # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
+        ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
+        sims = sims.cpu().numpy()  # once, for the report's examples and sims.npy
         if device.type == "cuda":
             torch.cuda.empty_cache()
         os.makedirs(out_dir, exist_ok=True)
@@ -177,7 +179,7 @@ class CheckpointEvaluator:
         thumbs = split.thumbnails.numpy() if split.thumbnails is not None else None
         write_report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",
                      results, sims, captions, [f"image #{k}" for k in range(sims.shape[0])], thumbs,
-                     examples=cfg.eval.report_examples)
+                     examples=cfg.eval.report_examples, ranks=ranks)
         return step, results
 
 

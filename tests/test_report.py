@@ -99,3 +99,19 @@ def test_captions_that_do_not_match_the_matrix_are_refused():
     sims, captions, labels = toy_split()
     with pytest.raises(ValueError, match="39 captions and 8 image labels.*expected 40 and 8"):
         render_html("t", {}, sims, captions[:-1], labels)
+
+
+def test_ranks_handed_in_give_the_same_page_as_ranks_counted_here():
+    """The evaluation job passes the ranks it counted on the device; they are used, not recounted."""
+    import torch
+
+    from user_dist.evaluation.metrics import i2t_ranks_torch, t2i_ranks_torch
+
+    sims, captions, labels = toy_split()
+    t = torch.from_numpy(sims)
+    ranks = (i2t_ranks_torch(t).numpy(), t2i_ranks_torch(t).numpy())
+    results = {"generic": evaluate(sims, "generic")}
+    page = render_html("t", results, sims, captions, labels)
+    assert render_html("t", results, sims, captions, labels, ranks=ranks) == page
+    perfect = (np.zeros_like(ranks[0]), np.zeros_like(ranks[1]))
+    assert render_html("t", results, sims, captions, labels, ranks=perfect) != page

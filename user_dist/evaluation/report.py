@@ -13,7 +13,7 @@ import base64
 import html
 import io
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def _image_cell(k: int, labels: Sequence[str], captions: Sequence[str], thumbs: 
 
 def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions: Sequence[str],
                 image_labels: Sequence[str], thumbnails: Optional[np.ndarray] = None,
-                examples: int = 5) -> str:
+                examples: int = 5, ranks: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> str:
     """The report page.
 
     Args:
@@ -99,6 +99,9 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
         captions: 5N caption texts; image_labels: N names (keys or "image #k").
         thumbnails: (N, 3, h, w) uint8, or None when the split has no pictures.
         examples: image queries and caption queries shown.
+        ranks: (i2t (N,), t2i (5N,)) 0-based ranks over the whole split when the
+            caller has them (the evaluation job counts them on the device);
+            None: counted here with numpy.
     """
     n = sims.shape[0]
     if len(captions) != CAPTIONS_PER_IMAGE * n or len(image_labels) != n:
@@ -120,7 +123,7 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
         out.append(f"<tr><td>{esc(p)}</td>" + "".join(f"<td>{m[k]:.2f}</td>" for k in METRIC_KEYS) + "</tr>")
     out.append("</table>")
 
-    ri, rt = i2t_ranks(sims), t2i_ranks(sims)
+    ri, rt = ranks if ranks is not None else (i2t_ranks(sims), t2i_ranks(sims))
     curves = {"image to text": recall_curve(ri, min(CURVE_MAX_K, CAPTIONS_PER_IMAGE * (n - 1) + 1)),
               "text to image": recall_curve(rt, min(CURVE_MAX_K, n))}
     out += [f"<h2>Recall@K over the whole split ({n} images)</h2>", recall_svg(curves)]
