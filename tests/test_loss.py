@@ -103,6 +103,20 @@ def test_empty_queue_slots_are_not_negatives(case):
     assert stats["queue_fill"] == pytest.approx(0.7)
 
 
+def test_slots_a_skipped_step_left_empty_are_not_negatives(case):
+    """A skipped step (enqueue keep=False) advances the ring over slots that
+    keep id -1: inside the filled prefix, never counted, whatever they hold."""
+    img, txt, img_k, txt_k, ids, queue, _ = case
+    cfg = LossConfig(mu=MU, gamma=GAMMA)
+    base, _ = uto_loss(img.float(), txt.float(), img_k.float(), txt_k.float(), ids, queue, cfg)
+    queue.enqueue(img[:2].float(), txt[:2].float(), torch.tensor([20, 21]), keep=torch.tensor(False))
+    assert queue.fill == 9 and queue.ids[7:9].tolist() == [-1, -1]
+    queue.image[7:9] = img[0].float()  # would dominate the soft max if counted
+    queue.text[7:9] = img[0].float()
+    again, _ = uto_loss(img.float(), txt.float(), img_k.float(), txt_k.float(), ids, queue, cfg)
+    torch.testing.assert_close(again, base)
+
+
 def test_soft_term_of_no_negatives_is_zero_and_matches_log1p_sum_exp():
     sims = torch.tensor([[0.9, 0.2, 0.6]])
     assert soft_term(sims, torch.zeros_like(sims, dtype=torch.bool), MU, GAMMA).item() == 0.0

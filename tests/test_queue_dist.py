@@ -1,8 +1,9 @@
 """The sharded queue's enqueue on real gloo ranks: every key reaches the rank
 that owns its slot (one all-to-all), and the shards put together equal the
 replicated pool and a plain ring built from all keys, slot for slot, after
-every step, through wraps, a step the size of the whole pool, and batches
-that divide nothing."""
+every step, through wraps, a step the size of the whole pool, batches that
+divide nothing, and a step skipped on the device (keep=False: the ring
+advances, nothing is written)."""
 import os
 import traceback
 
@@ -15,6 +16,7 @@ from user_dist.config import QueueConfig
 from user_dist.queue import NegativeQueues, write_segments
 
 WORLD, E, STEPS = 3, 4, 7
+SKIPPED = 2  # the step enqueued with keep=False
 # (batch per rank, size_per_rank, first pointer): pool 9 with 6 keys a step; pool 12 filled by one step,
 # from slot 0 and from slot 5 (as after a restore onto another world size: rank 1 then receives keys from
 # both ends of the step); pool 15 with 3; pool 21 with 15.
@@ -35,7 +37,8 @@ def reference_ring(batch: int, size_per_rank: int, ptr: int, steps: int):
         for r in range(WORLD):
             img, _, i = step_keys(step, r, batch)
             for k in range(batch):
-                image[ptr], ids[ptr] = img[k], i[k]
+                if step != SKIPPED:
+                    image[ptr], ids[ptr] = img[k], i[k]
                 ptr = (ptr + 1) % pool
     return image, ids
 
@@ -52,7 +55,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                 q.ptr = ptr
             for step in range(STEPS):
                 for q in queues.values():
-                    q.enqueue(*step_keys(step, rank, batch))
+                    q.enqueue(*step_keys(step, rank, batch), keep=torch.tensor(step != SKIPPED))
                 shards = [torch.empty(spr, 2 * E + 1) for _ in range(WORLD)]
                 s = queues["sharded"]
                 dist.all_gather(shards, torch.cat([s.image, s.text, s.ids[:, None].float()], 1))

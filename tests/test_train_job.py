@@ -208,17 +208,25 @@ def test_fresh_start_refuses_an_existing_run(tiny_shards, tmp_path):
 
 
 def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
+    """ZeRO 0: the step is skipped on the device, counted at the next log step."""
     code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan1", **{"train.max_steps": 5}),
                     env={"USER_DIST_FAULT_NAN": "2:1"})
     assert code == 0, out[-3000:]
-    assert "non-finite loss at step 2: micro-batch skipped (1 in a row)" in out
-    meta, model, _, _ = final_state(tmp_path / "nan1")
+    # Step 2 ran (and was skipped): the log step after it, step 3, reads the count.
+    assert "non-finite loss or gradient: 1 optimiser step(s) skipped by step 3 (1 in all)" in out
+    meta, model, momentum, _ = final_state(tmp_path / "nan1")
     assert meta["step"] == 5 and meta["skipped_nonfinite"] == 1
-    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in [*model.values(), *momentum.values()] if t.is_floating_point())
 
 
-def test_non_finite_losses_in_a_row_stop_with_a_clear_message(tiny_shards, tmp_path):
-    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan3", **{"train.max_nonfinite_in_a_row": 3}),
-                    env={"USER_DIST_FAULT_NAN": "2:100"})
+@pytest.mark.parametrize("zero, fault, message", [
+    # ZeRO 0: three optimiser steps skipped on the device, seen at the log step after the third.
+    (0, "2:1,3:1,4:1", "3 non-finite losses in a row by step 5: stopping"),
+    # ZeRO 1: the host checks each micro-batch; step 2 never completes.
+    (1, "2:100", "3 non-finite losses in a row at step 2: stopping"),
+])
+def test_non_finite_losses_in_a_row_stop_with_a_clear_message(tiny_shards, tmp_path, zero, fault, message):
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan3", **{
+        "train.max_nonfinite_in_a_row": 3, "train.zero_stage": zero}), env={"USER_DIST_FAULT_NAN": fault})
     assert code != 0
-    assert "3 non-finite losses in a row at step 2: stopping" in out
+    assert message in out, out[-3000:]

@@ -1,5 +1,6 @@
-"""TrainStep's own gradient clipping (ZeRO 0) against DeepSpeed's, and which
-configs hand clipping to the step (user_dist.deepspeed_config.take_clipping)."""
+"""TrainStep's own gradient clipping (ZeRO 0) against DeepSpeed's, which
+configs hand clipping to the step (user_dist.deepspeed_config.take_clipping),
+and non-finite steps skipped on the device (user_dist.nonfinite)."""
 import json
 import os
 import subprocess
@@ -65,3 +66,22 @@ def test_compiled_towers_train_like_eager_ones():
     assert r["default_losses"] == pytest.approx(r["none_losses"], rel=1e-5, abs=1e-6)
     assert r["same_state_keys"]
     assert set(r["compiled_modules"]) == {"SGE", "Projection", "BertModel"}
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_is_skipped_on_the_device_without_a_host_read():
+    r = step_check("nonfinite")
+    assert r["device_skips"] and r["optimizer_is_ours"] == "AdamW"
+    assert r["skipped_loss_finite"] is False  # the fault hook did make the loss NaN
+    # Nothing the optimiser or the queue holds moved: the fused AdamW saw found_inf.
+    assert r["params_unchanged"] and r["adam_unchanged"]
+    assert r["adam_keys"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert r["queue_unchanged"] and r["queue_ptr_moved_by"] == 8  # the ring advanced, nothing written
+    assert r["momentum_finite"]
+    assert r["counts_after_skip"] == [1, 1, 1]  # skipped, current run, longest run
+    # The next step trains again and ends the run of skips.
+    assert r["next_loss_finite"] and r["next_step_moves"] > 1e-3
+    assert r["counts_after_next"] == [1, 0, 1]
+    assert r["queue_ids_after_next"] == 8  # the skipped step's 8 slots stay empty (id -1)
+    # ZeRO 1: DeepSpeed wraps the optimiser; the host checks and the step returns None.
+    assert r["zero1_device_skips"] is False and r["zero1_returns"] == "None"

@@ -199,7 +199,7 @@ class TrainConfig:
     resume: str = ""
     # Validation (val split, generic protocol) every N epochs; 0 = never.
     validate_every_epochs: int = 1
-    max_nonfinite_in_a_row: int = 10  # stop after this many non-finite losses in a row
+    max_nonfinite_in_a_row: int = 10  # stop after this many non-finite skips in a row (docs/training.md)
     deterministic: bool = False  # torch deterministic algorithms (exact, slower)
     # torch.compile the online and key towers: none | default | reduce-overhead
     # (CUDA graphs) | max-autotune. Compiling costs minutes at start-up.

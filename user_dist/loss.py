@@ -89,13 +89,14 @@ def _queue_soft(q_local: torch.Tensor, q_all: Optional[torch.Tensor], q_ids_loca
     text queries); key_ids (V,). Returns soft (2, B), hardest negative
     similarity (2, B), active count (2, B), negative count (2, B).
     """
+    filled = key_ids[None, :] >= 0  # (1, V): id -1 marks a slot a skipped step left empty (user_dist.queue)
     if not sharded or world_size() == 1:
         sims = torch.einsum("mbe,mve->mbv", q_local, keys)  # (2, B, V)
-        parts = _SoftParts(sims, q_ids_local[:, None] != key_ids[None, :], mu, gamma)
+        parts = _SoftParts(sims, (q_ids_local[:, None] != key_ids[None, :]) & filled, mu, gamma)
         return parts.soft(), parts.hardest(), parts.active, parts.count
     B = q_local.shape[1]
     sims = torch.einsum("mqe,mve->mqv", q_all, keys)  # (2, W*B, V): every rank's queries vs this shard
-    parts = _SoftParts(sims, q_ids_all[:, None] != key_ids[None, :], mu, gamma)
+    parts = _SoftParts(sims, (q_ids_all[:, None] != key_ids[None, :]) & filled, mu, gamma)
     zmax = parts.zmax.clone()
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX)  # (2, W*B): global max, a constant shift
     shift = zmax.clamp(min=0)

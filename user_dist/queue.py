@@ -15,13 +15,16 @@ entries are overwritten (FIFO). Slot s belongs to rank s // size_per_rank.
   of all W B. Both modes hold the same pool, slot for slot.
 
 Entries are written in order from slot 0, so the filled slots are always the
-global prefix [0, fill): empty slots are simply never read. Pointer and fill
+global prefix [0, fill): empty slots are simply never read. A step skipped
+on the device (``enqueue(keep=False)``) advances the ring without writing, so
+a slot of the prefix may still be empty: empty slots hold id -1 (image ids
+are never negative), and the loss never counts an id -1 as a negative. Pointer and fill
 level are host integers that follow from the batch shapes alone, so nothing
 here waits for the device.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -98,10 +101,27 @@ class NegativeQueues:
         v = min(max(self.fill - self.offset, 0), self.local)
         return self.image[:v], self.text[:v], self.ids[:v]
 
+    def _put(self, at: int, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor,
+             keep: Optional[torch.Tensor]) -> None:
+        """Write rows (n, E), (n, E), (n,) at local slot ``at``. With ``keep``
+        (0-d bool on the device) False the slots keep what they hold: the
+        choice is made on the device, so the host never waits for it."""
+        dst = slice(at, at + ids.shape[0])
+        if keep is not None:
+            image = torch.where(keep, image, self.image[dst])
+            text = torch.where(keep, text, self.text[dst])
+            ids = torch.where(keep, ids, self.ids[dst])
+        self.image[dst], self.text[dst], self.ids[dst] = image, text, ids
+
     @torch.no_grad()
-    def enqueue(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor) -> None:
+    def enqueue(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor,
+                keep: Optional[torch.Tensor] = None) -> None:
         """Write this step's keys of every rank: img_k, txt_k (B, E), image_ids (B,).
 
+        ``keep``: a 0-d bool tensor, the same on every rank; False leaves every
+        slot as it was (a step skipped on the device for a non-finite loss,
+        whose keys may be non-finite too). The ring still advances: slots
+        left empty keep id -1, which the loss never counts.
         Collective: every rank must call it with the same B.
         """
         n = self.world * img_k.shape[0]
@@ -109,7 +129,7 @@ class NegativeQueues:
             raise ValueError(f"{n} keys per step (world {self.world} x batch {img_k.shape[0]}) do not fit a pool "
                              f"of {self.pool_size}; raise queue.size_per_rank to at least train.batch_size")
         if self.sharded and self.world > 1:
-            self._enqueue_to_owners(img_k, txt_k, image_ids)
+            self._enqueue_to_owners(img_k, txt_k, image_ids, keep)
             return
         img = all_gather_nograd(img_k.detach().float())  # (W*B, E)
         txt = all_gather_nograd(txt_k.detach().float())
@@ -121,14 +141,13 @@ class NegativeQueues:
             a, b = max(lo, self.offset), min(hi, self.offset + self.local)
             if a < b:
                 src = slice(start + a - lo, start + b - lo)
-                self.image[a - self.offset:b - self.offset] = img[src]
-                self.text[a - self.offset:b - self.offset] = txt[src]
-                self.ids[a - self.offset:b - self.offset] = ids[src]
+                self._put(a - self.offset, img[src], txt[src], ids[src], keep)
             start += hi - lo
         self.ptr = (self.ptr + n) % self.pool_size
         self.fill = min(self.fill + n, self.pool_size)
 
-    def _enqueue_to_owners(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor) -> None:
+    def _enqueue_to_owners(self, img_k: torch.Tensor, txt_k: torch.Tensor, image_ids: torch.Tensor,
+                           keep: Optional[torch.Tensor]) -> None:
         """Sharded enqueue: every key travels only to the rank that stores its
         slot, in one all-to-all for the embeddings and one for the ids."""
         B = img_k.shape[0]
@@ -154,10 +173,8 @@ class NegativeQueues:
         dist.all_to_all_single(got_ids, outgoing(ids).contiguous(), recv, send)
         E, at = self.embed_size, 0
         for seg in theirs:
-            a = seg.slot - self.offset
-            self.image[a:a + seg.length] = got_keys[at:at + seg.length, :E]
-            self.text[a:a + seg.length] = got_keys[at:at + seg.length, E:]
-            self.ids[a:a + seg.length] = got_ids[at:at + seg.length]
+            rows = slice(at, at + seg.length)
+            self._put(seg.slot - self.offset, got_keys[rows, :E], got_keys[rows, E:], got_ids[rows], keep)
             at += seg.length
         self.ptr = (self.ptr + self.world * B) % self.pool_size
         self.fill = min(self.fill + self.world * B, self.pool_size)

@@ -30,6 +30,7 @@ from . import distributed as du
 from .config import Config, to_yaml
 from .deepspeed_config import derive, take_clipping, with_user_override
 from .monitor import Monitor, to_host
+from .nonfinite import DeviceSkips
 from .schedule import build_scheduler
 
 log = logging.getLogger("user_dist")
@@ -116,17 +117,26 @@ class TrainStep:
         du.broadcast_module_state(model)
         # The key towers are copied in fp32 before DeepSpeed wraps the module.
         self.momentum = MomentumTowers(model, cfg.queue)
-        fused = torch.cuda.is_available()  # the fused kernel exists on CUDA only
-        optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay, fused=fused or None)
-        scheduler = build_scheduler(optimizer, o, steps_per_epoch, total_steps)
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
+        # Without ZeRO and fp16 the optimiser step is ours: non-finite steps are
+        # skipped on the device (user_dist.nonfinite), which needs the fused
+        # AdamW's found_inf (CUDA and CPU). Elsewhere DeepSpeed wraps the
+        # optimiser and the loss is checked on the host.
+        device_skips = (ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0
+                        and not ds_cfg.get("fp16", {}).get("enabled", False))
+        fused = torch.cuda.is_available() or device_skips
+        optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=fused or None)
+        scheduler = build_scheduler(optimizer, o, steps_per_epoch, total_steps)
         self._clip = take_clipping(ds_cfg)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
         self.device = self.engine.device
+        self.skips = DeviceSkips(self.device, self.world) if device_skips else None
+        if self.skips is not None:
+            optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
         zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
         if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
@@ -159,8 +169,10 @@ class TrainStep:
         """Forward + backward of one micro-batch at optimiser step ``step``.
 
         Returns the loss statistics (with ``grad_norm``, the global gradient
-        norm before clipping, as a tensor), or None when the loss was not
-        finite on some rank (then no rank stepped).
+        norm before clipping, as a tensor). A non-finite loss: with
+        ``self.skips`` the step is skipped on the device and the statistics
+        are returned as usual (the loss among them, non-finite); without, the
+        loss is checked on the host and None is returned (then no rank stepped).
         """
         if self.cfg.train.compile == "reduce-overhead":
             # CUDA graph trees: a new step begins here, so the graphs' outputs of
@@ -177,12 +189,16 @@ class TrainStep:
         if self._fault_nan.get(step, 0) > 0:  # fault injection (tests): see _parse_fault
             self._fault_nan[step] -= 1
             loss = loss * float("nan")
-        # Every rank must agree on skipping, or collectives would mismatch.
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
-            return None
+        keep = None
+        if self.skips is not None:
+            keep = self.skips.check_loss(loss)  # every rank the same, on the device
+        else:
+            # Every rank must agree on skipping, or collectives would mismatch.
+            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            if self.world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
+                return None
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         stats = dict(stats)
@@ -194,10 +210,16 @@ class TrainStep:
             # Without ZeRO, DeepSpeed keeps no norm.
             grads = [p.grad for p in self._params if p.grad is not None]
             stats["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if boundary and self.skips is not None:
+            if "grad_norm" in stats:
+                self.skips.check_norm(stats["grad_norm"])
+            self.skips.before_step()
         self.engine.step()
         if boundary:
             self.momentum.update(self.engine.module)
-        self.queue.enqueue(img_k, txt_k, b["image_ids"])
+            if self.skips is not None:
+                self.skips.after_step()
+        self.queue.enqueue(img_k, txt_k, b["image_ids"], keep=keep)
         stats["loss"] = loss.detach()
         return stats
 
@@ -237,6 +259,7 @@ class Trainer:
             # different noise (a resume restores the saved RNG states instead).
             torch.manual_seed(t.seed + 1000 * self.rank + 1)
 
+        self._skips_base = self.pos.skipped_nonfinite  # the device counts from this process's start
         self.monitor = Monitor(run_dir, du.is_main(), self.total_steps)
         self.monitor.text("config", "```\n" + to_yaml(cfg) + "\n```")
         self.signals = _Signals()
@@ -270,6 +293,7 @@ class Trainer:
                  self.pos.epoch, self.pos.step_in_epoch)
 
     def save(self) -> str:
+        self._count_device_skips()
         p = self.pos
         meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "skipped_nonfinite": p.skipped_nonfinite,
                 "samples": p.step * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world,
@@ -285,6 +309,24 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- step
+
+    def _count_device_skips(self, stop: bool = False) -> None:
+        """Fold the steps skipped on the device into the position; with
+        ``stop``, end the run after train.max_nonfinite_in_a_row of them in a
+        row. Waits for the device: call it where the host waits anyway."""
+        if self.step_fn.skips is None:
+            return
+        total, longest = self.step_fn.skips.read()
+        new = self._skips_base + total - self.pos.skipped_nonfinite
+        if new > 0:
+            self.pos.skipped_nonfinite += new
+            log.warning("non-finite loss or gradient: %d optimiser step(s) skipped by step %d (%d in all)",
+                        new, self.pos.step, self.pos.skipped_nonfinite)
+        limit = self.cfg.train.max_nonfinite_in_a_row
+        if stop and longest >= limit:
+            raise FloatingPointError(
+                f"{longest} non-finite losses in a row by step {self.pos.step}: stopping. "
+                "Lower optim.lr, check the data (data.on_error) or use train.precision=fp32")
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([int(self.signals.flag)], dtype=torch.int32)
@@ -331,6 +373,7 @@ class Trainer:
                     self.pos.step_in_epoch += 1
                     step_time = time.time() - t0
                     if self.pos.step % t.log_every == 0 or self.pos.step == self.total_steps:
+                        self._count_device_skips(stop=True)
                         self._log(stats, step_time, last_log_t, last_log_step)
                         last_log_t, last_log_step = time.time(), self.pos.step
                         if self._stop_requested():

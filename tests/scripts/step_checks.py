@@ -2,6 +2,7 @@
 
     python tests/scripts/step_checks.py clip      # own gradient clipping vs DeepSpeed's
     python tests/scripts/step_checks.py compile   # train.compile=default vs eager (about a minute of inductor)
+    python tests/scripts/step_checks.py nonfinite # a NaN step skipped on the device, and on the host (ZeRO 1)
 
 Used by tests/test_train_step.py: DeepSpeed engines want a process group,
 which the pytest process should not hold. World 1, fp32, no dropout.
@@ -13,6 +14,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+import torch  # noqa: E402
 
 import benchmark  # noqa: E402
 from user_dist import distributed as du  # noqa: E402
@@ -81,9 +84,74 @@ def compile_check() -> dict:
     return out
 
 
+def adam_state(step: trainer.TrainStep) -> dict:
+    opt = step.engine.optimizer
+    return {f"{i}.{k}": v.detach().clone() for i, p in enumerate(step._params)
+            for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+
+
+def queue_state(step: trainer.TrainStep) -> dict:
+    q = step.queue
+    return {"image": q.image.clone(), "text": q.text.clone(), "ids": q.ids.clone()}
+
+
+class _NoHostReads:
+    """Make every read of a tensor's value by the host raise, for a while."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            def refuse(t, *a, _n=n, **k):
+                raise AssertionError(f"host read Tensor.{_n} in the step")
+            setattr(torch.Tensor, n, refuse)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def nonfinite_check() -> dict:
+    """A step whose loss is NaN (the fault hook), skipped on the device: the
+    parameters, the Adam moments and step counts, and the queue slots stay as
+    they were; the counts see it; the next step trains. And with ZeRO 1 the
+    host-side check returns None."""
+    step = build(["optim.lr=0.01", "optim.grad_clip=1.0"])
+    out = {"device_skips": step.skips is not None,
+           "optimizer_is_ours": type(step.engine.optimizer).__name__}
+    step.micro_step(batch(step, 0), step=0)
+    p0, a0, q0, ptr0 = params(step), adam_state(step), queue_state(step), step.queue.ptr
+    step._fault_nan = {1: 1}
+    b = batch(step, 1)
+    with _NoHostReads():  # the whole skipped step runs without the host waiting for the device
+        stats = step.micro_step(b, step=1, grad_norm=True)
+    out["skipped_loss_finite"] = bool(torch.isfinite(stats["loss"]))
+    out["params_unchanged"] = all(torch.equal(p0[n], v) for n, v in params(step).items())
+    a1 = adam_state(step)
+    out["adam_unchanged"] = a0.keys() == a1.keys() and all(torch.equal(a0[k], a1[k]) for k in a0)
+    out["adam_keys"] = sorted({k.split(".", 1)[1] for k in a0})
+    out["queue_unchanged"] = all(torch.equal(q0[k], v) for k, v in queue_state(step).items())
+    out["queue_ptr_moved_by"] = (step.queue.ptr - ptr0) % step.queue.pool_size
+    out["counts_after_skip"] = step.skips.counts.tolist()
+    out["momentum_finite"] = all(bool(torch.isfinite(t).all()) for t in step.momentum.state_dict().values()
+                                 if t.is_floating_point())
+    stats = step.micro_step(batch(step, 2), step=2)
+    out["next_loss_finite"] = bool(torch.isfinite(stats["loss"]))
+    out["next_step_moves"] = max(float((params(step)[n] - p0[n]).abs().max()) for n in p0)
+    out["counts_after_next"] = step.skips.counts.tolist()
+    out["queue_ids_after_next"] = int((step.queue.ids >= 0).sum())
+    host = build(["optim.lr=0.01", "train.zero_stage=1"])
+    host._fault_nan = {0: 1}
+    out["zero1_device_skips"] = host.skips is not None
+    out["zero1_returns"] = repr(host.micro_step(batch(host, 0), step=0))
+    return out
+
+
 def main():
     du.init_distributed(timeout_s=120)
-    print(json.dumps({"clip": clip_check, "compile": compile_check}[sys.argv[1]]()))
+    checks = {"clip": clip_check, "compile": compile_check, "nonfinite": nonfinite_check}
+    print(json.dumps(checks[sys.argv[1]]()))
 
 
 if __name__ == "__main__":
