@@ -251,10 +251,20 @@ def micro_step(state, batch: Dict[str, torch.Tensor]):
     from user_dist.trainer import TrainStep
 
     out = TrainStep.micro_step(state, batch)
-    if out is None:
-        raise FloatingPointError("non-finite loss in the benchmark step (random data, random init): "
-                                 "try train.precision=fp32 or another --seed")
+    if out is None:  # checked on the host (ZeRO 1-2, fp16)
+        raise FloatingPointError(NONFINITE)
     return out
+
+
+NONFINITE = ("non-finite loss in the benchmark step (random data, random init): "
+             "try train.precision=fp32 or another --seed")
+
+
+def check_no_skips(state) -> None:
+    """Raise if a step was skipped on the device (ZeRO 0): a skipped step is
+    not a step to time. Reads the device: call after the timed steps."""
+    if getattr(state, "skips", None) is not None and state.skips.read()[0]:
+        raise FloatingPointError(NONFINITE)
 
 
 def timed_steps(state, batches: List[dict], steps: int, warmup: int) -> List[float]:
@@ -271,12 +281,14 @@ def timed_steps(state, batches: List[dict], steps: int, warmup: int) -> List[flo
             micro_step(state, batches[i % len(batches)])
             b.record()
         sync(device)
+        check_no_skips(state)
         return [a.elapsed_time(b) / 1e3 for a, b in events]
     times = []
     for i in range(steps):
         start = time.perf_counter()
         micro_step(state, batches[i % len(batches)])
         times.append(time.perf_counter() - start)
+    check_no_skips(state)
     return times
 
 
@@ -306,7 +318,7 @@ def breakdown(state, batches: List[dict], steps: int) -> Dict[str, object]:
             totals.append(time.perf_counter() - start)
     phases = {label: statistics.median(clock.seconds[label]) for _, _, label in PHASES}
     total = statistics.median(totals)
-    phases["other (inputs to device, finite check)"] = max(0.0, total - sum(phases.values()))
+    phases["other (inputs to the device, the finite-loss flag)"] = max(0.0, total - sum(phases.values()))
     return {"phases": phases, "total": total, "comm_seconds": comm.seconds / steps,
             "comm_bytes": {f"{p}: {c}": b // steps for (p, c), b in comm.bytes.items()},
             "comm_calls": {f"{p}: {c}": n / steps for (p, c), n in comm.calls.items()}}

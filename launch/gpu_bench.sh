@@ -25,10 +25,11 @@ REF=${1:-.whl/bench_reference.py}
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv || true
 
-# 1. The compiled step (train.compile=default) against the reference in the same process, and its profile.
+# 1. The compiled step (train.compile=default) against the reference in the same process, its host syncs
+#    (none expected without ZeRO) and its profile.
 if [ "${COMPILE:-default}" != "none" ]; then
     timeout "${COMPILE_TIMEOUT:-300}" python3 launch/benchmark.py --preset paper --caption-len 28-32 --steps 30 \
-        --warmup 6 --breakdown-steps 0 --profile "$OUT/profile_compiled.txt" --profile-steps 3 \
+        --warmup 6 --breakdown-steps 0 --sync-debug --profile "$OUT/profile_compiled.txt" --profile-steps 3 \
         --reference "$REF" --reference-variants "${REF_VARIANTS:-reference}" "train.compile=${COMPILE:-default}" \
         --json "$OUT/compiled.json" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$OUT/compiled.log"
 fi

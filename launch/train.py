@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         trainer.close()
-    log.info("done: step %d, epoch %d, %d non-finite micro-batches skipped", pos.step, pos.epoch,
+    log.info("done: step %d, epoch %d, %d non-finite steps skipped", pos.step, pos.epoch,
              pos.skipped_nonfinite)
     return 0
 

@@ -59,13 +59,17 @@ def test_own_clipping_updates_the_weights_like_deepspeeds_clipping():
 
 @pytest.mark.slow
 def test_compiled_towers_train_like_eager_ones():
-    """train.compile=default (inductor on the CPU here): the same losses over
-    two steps, the same checkpoint keys, and GPO left eager (an RNN)."""
+    """train.compile=default (inductor on the CPU here; towers and loss): the
+    same losses and gradient norms over three steps, the same checkpoint
+    keys, and GPO compiled around its eager GRU."""
     r = step_check("compile")
-    # The second loss is computed with the weights after one optimiser step.
+    # The later losses are computed with the weights after optimiser steps.
     assert r["default_losses"] == pytest.approx(r["none_losses"], rel=1e-5, abs=1e-6)
+    assert r["default_grad_norms"] == pytest.approx(r["none_grad_norms"], rel=1e-4)
+    # The queue term, with the queue empty, half full and full (compiled: every slot read, empty ones masked).
+    assert r["default_loss_queue"] == pytest.approx(r["none_loss_queue"], rel=1e-5, abs=1e-6)
     assert r["same_state_keys"]
-    assert set(r["compiled_modules"]) == {"SGE", "Projection", "BertModel"}
+    assert set(r["compiled_modules"]) == {"SGE", "Projection", "BertModel", "GPO"}
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ Everything runs in fp32 with autocast off: mu = 90 amplifies rounding.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,16 +81,18 @@ def soft_term(sims: torch.Tensor, valid: torch.Tensor, mu: float, gamma: float) 
 
 def _queue_soft(q_local: torch.Tensor, q_all: Optional[torch.Tensor], q_ids_local: torch.Tensor,
                 q_ids_all: torch.Tensor, keys: torch.Tensor, key_ids: torch.Tensor,
-                sharded: bool, mu: float, gamma: float) -> Tuple[torch.Tensor, ...]:
+                distributed_pool: bool, mu: float, gamma: float) -> Tuple[torch.Tensor, ...]:
     """soft() of each local query over the pool, plus statistics.
 
-    q_local (2, B, E): image and text queries of this rank; q_all (2, W*B, E) every rank's queries (sharded only);
-    keys (2, V, E): text and image keys held here (the negatives of image and
-    text queries); key_ids (V,). Returns soft (2, B), hardest negative
+    q_local (2, B, E): image and text queries of this rank; q_all (2, W*B, E)
+    every rank's queries (distributed pool only); keys (2, V, E): text and
+    image keys held here (the negatives of image and text queries); key_ids
+    (V,), -1 for an empty slot. ``distributed_pool``: a sharded queue over
+    more than one rank (collective). Returns soft (2, B), hardest negative
     similarity (2, B), active count (2, B), negative count (2, B).
     """
-    filled = key_ids[None, :] >= 0  # (1, V): id -1 marks a slot a skipped step left empty (user_dist.queue)
-    if not sharded or world_size() == 1:
+    filled = key_ids[None, :] >= 0  # (1, V): id -1 marks an empty slot (user_dist.queue)
+    if not distributed_pool:
         sims = torch.einsum("mbe,mve->mbv", q_local, keys)  # (2, B, V)
         parts = _SoftParts(sims, (q_ids_local[:, None] != key_ids[None, :]) & filled, mu, gamma)
         return parts.soft(), parts.hardest(), parts.active, parts.count
@@ -107,9 +109,60 @@ def _queue_soft(q_local: torch.Tensor, q_all: Optional[torch.Tensor], q_ids_loca
     return soft[:, mine], (zmax / mu + gamma)[:, mine], summed[1, :, mine].detach(), summed[2, :, mine].detach()
 
 
+STAT_NAMES = ("loss_batch", "loss_queue", "pos_sim", "hardest_neg", "active_neg_frac")
+
+
+def uto_terms(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor,
+              ids: torch.Tensor, ids_all: torch.Tensor, img_k: torch.Tensor, txt_k: torch.Tensor,
+              q_image: Optional[torch.Tensor], q_text: Optional[torch.Tensor], q_ids: Optional[torch.Tensor],
+              distributed_pool: bool, mu: float, gamma: float, batch_weight: float,
+              queue_weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss from gathered features: fp32 tensors in, no host values read.
+
+    img, txt (B, E) with gradient; img_all, txt_all (W*B, E) every rank's, in
+    rank order; ids (B,), ids_all (W*B,); img_k, txt_k (B, E) keys; q_image,
+    q_text (V, E), q_ids (V,) the queue slots held here, or None for no queue
+    term. Returns the loss (scalar) and the detached statistics (5,), in
+    STAT_NAMES order. Without a distributed pool it is pure tensor code of
+    fixed shapes, which ``compiled_uto_terms`` compiles.
+    """
+    neg = ids[:, None] != ids_all[None, :]  # (B, W*B): excludes i itself and same-image pairs
+    sims = torch.stack([img @ txt_all.T, txt @ img_all.T])  # (2, B, W*B): image->text, text->image
+    pos = (img * txt).sum(-1)  # (B,)
+    batch_parts = _SoftParts(sims, neg[None].expand_as(sims), mu, gamma)
+    loss_batch = (batch_parts.soft().sum(0) - positive_term(pos)).mean()  # soft: (2, B)
+
+    hardest = batch_parts.hardest()  # (2, B)
+    active, count = batch_parts.active.sum(), batch_parts.count.sum()
+    loss_queue = img.new_zeros(())
+    if q_ids is not None:
+        keys = torch.stack([q_text, q_image])  # (2, V, E): negatives of image / text queries
+        q_soft, q_hard, q_active, q_count = _queue_soft(
+            torch.stack([img, txt]), torch.stack([img_all, txt_all]) if distributed_pool else None,
+            ids, ids_all, keys, q_ids, distributed_pool, mu, gamma)
+        pos_k = torch.stack([(img * txt_k).sum(-1), (txt * img_k).sum(-1)])  # (2, B)
+        loss_queue = (q_soft - positive_term(pos_k)).mean(1).sum()
+        hardest = torch.maximum(hardest, q_hard)
+        active, count = active + q_active.sum(), count + q_count.sum()
+    loss = batch_weight * loss_batch + queue_weight * loss_queue
+
+    hardest = torch.where(torch.isfinite(hardest), hardest, torch.nan).detach()
+    stats = torch.stack([loss_batch.detach(), loss_queue.detach(), pos.detach().mean(), hardest.nanmean(),
+                         (active / count.clamp(min=1)).detach()])
+    return loss, stats
+
+
+def compiled_uto_terms(mode: str) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """``uto_terms`` under torch.compile (train.compile's mode), for pools held
+    whole on each rank: one graph forward and one backward, fixed shapes
+    (the queue term reads every slot, empty ones masked by id -1)."""
+    return torch.compile(uto_terms, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+
+
 def uto_loss(img: torch.Tensor, txt: torch.Tensor, img_k: torch.Tensor, txt_k: torch.Tensor,
              image_ids: torch.Tensor, queue: Optional[NegativeQueues],
-             cfg: LossConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+             cfg: LossConfig, terms: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None,
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """UTO loss of this rank's queries.
 
     Args:
@@ -118,47 +171,29 @@ def uto_loss(img: torch.Tensor, txt: torch.Tensor, img_k: torch.Tensor, txt_k: t
         image_ids: (B,) int64; equal ids are never negatives of each other.
         queue: the negative queues (read only here; enqueue after), or None.
         cfg: mu, gamma, batch_weight, queue_weight.
+        terms: a compiled ``uto_terms`` (``compiled_uto_terms``), used unless
+            the pool is distributed (sharded over several ranks: collectives
+            between its parts).
     Returns:
         loss (scalar, fp32) and detached scalar statistics: loss_batch,
         loss_queue, pos_sim, hardest_neg, active_neg_frac, queue_fill.
         Collective when world_size > 1: every rank must call it.
     """
-    mu, gamma = cfg.mu, cfg.gamma
     with torch.autocast(device_type=img.device.type, enabled=False):
         img, txt = img.float(), txt.float()
         ids = image_ids.to(img.device, torch.long)
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)  # (W*B, E)
         ids_all = all_gather_nograd(ids)  # (W*B,)
-        neg = ids[:, None] != ids_all[None, :]  # (B, W*B): excludes i itself and same-image pairs
-        sims = torch.stack([img @ txt_all.T, txt @ img_all.T])  # (2, B, W*B): image->text, text->image
-        pos = (img * txt).sum(-1)  # (B,)
-        batch_parts = _SoftParts(sims, neg[None].expand_as(sims), mu, gamma)
-        loss_batch = (batch_parts.soft().sum(0) - positive_term(pos)).mean()  # soft: (2, B)
-
-        hardest = batch_parts.hardest()  # (2, B)
-        active, count = batch_parts.active.sum(), batch_parts.count.sum()
-        loss_queue = img.new_zeros(())
-        if queue is not None and cfg.queue_weight > 0:
-            q_image, q_text, q_ids = queue.entries()
-            keys = torch.stack([q_text, q_image])  # (2, V, E): negatives of image / text queries
-            q_soft, q_hard, q_active, q_count = _queue_soft(
-                torch.stack([img, txt]), torch.stack([img_all, txt_all]) if queue.sharded else None,
-                ids, ids_all, keys, q_ids, queue.sharded, mu, gamma)
-            pos_k = torch.stack([(img * txt_k.float()).sum(-1), (txt * img_k.float()).sum(-1)])  # (2, B)
-            loss_queue = (q_soft - positive_term(pos_k)).mean(1).sum()
-            hardest = torch.maximum(hardest, q_hard)
-            active, count = active + q_active.sum(), count + q_count.sum()
-        loss = cfg.batch_weight * loss_batch + cfg.queue_weight * loss_queue
-
-    with torch.no_grad():
-        fill = queue.fill / queue.pool_size if queue is not None else 0.0
-        hardest = torch.where(torch.isfinite(hardest), hardest, torch.nan)
-        stats = {
-            "loss_batch": loss_batch.detach(),
-            "loss_queue": loss_queue.detach(),
-            "pos_sim": pos.detach().mean(),
-            "hardest_neg": hardest.nanmean(),
-            "active_neg_frac": active / count.clamp(min=1),
-            "queue_fill": torch.full((), fill, device=img.device),
-        }
-    return loss, stats
+        with_queue = queue is not None and cfg.queue_weight > 0
+        # Every slot held here, filled or not: fixed shapes (empty slots have id -1).
+        q_image, q_text, q_ids = (queue.image, queue.text, queue.ids) if with_queue else (None, None, None)
+        distributed_pool = with_queue and queue.sharded and world_size() > 1
+        fn = uto_terms if terms is None or distributed_pool else terms
+        loss, stats = fn(img, txt, img_all, txt_all, ids, ids_all, img_k.float(), txt_k.float(),
+                         q_image, q_text, q_ids, distributed_pool, cfg.mu, cfg.gamma, cfg.batch_weight,
+                         cfg.queue_weight)
+    # A copy: a CUDA graph (train.compile=reduce-overhead) reuses its outputs' memory at the next step.
+    out = dict(zip(STAT_NAMES, stats.clone().unbind()))
+    fill = queue.fill / queue.pool_size if queue is not None else 0.0
+    out["queue_fill"] = torch.full((), fill, device=img.device)
+    return loss, out

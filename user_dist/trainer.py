@@ -15,6 +15,7 @@ towers move once per optimiser step, since theta_q only changes then.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -100,7 +101,7 @@ class TrainStep:
     def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
         import deepspeed
 
-        from .loss import uto_loss
+        from .loss import compiled_uto_terms, uto_loss
         from .models import build_model
         from .momentum import MomentumTowers
         from .queue import NegativeQueues
@@ -161,6 +162,9 @@ class TrainStep:
             # In place: parameter names, and so checkpoints, stay as they are.
             self.engine.module.compile_towers(t.compile)
             self.momentum.module.compile_towers(t.compile)
+            # The loss too: its ~150 small kernels (forward and backward) become
+            # two graphs (a pool sharded over ranks stays eager: collectives).
+            self._uto_loss = functools.partial(uto_loss, terms=compiled_uto_terms(t.compile))
         self.queue = NegativeQueues(cfg.queue, cfg.model.embed_size, self.device)
         self._fault_nan = _parse_fault(os.environ.get("USER_DIST_FAULT_NAN", ""))
 

@@ -70,13 +70,18 @@ def clip_check() -> dict:
 
 
 def compile_check() -> dict:
-    """Two steps eager and compiled. Parameters are not compared: Adam turns
-    float-rounding differences of near-zero gradients into steps of about
-    lr, so the losses (the second one after an update) are the measure."""
+    """Three steps eager and compiled (towers and loss). Parameters are not
+    compared: Adam turns float-rounding differences of near-zero gradients
+    into steps of about lr, so the losses (the later ones after updates) and
+    the gradient norms are the measure."""
     out = {}
     for mode in ("none", "default"):
         step = build([f"train.compile={mode}"])
-        out[f"{mode}_losses"] = [float(step.micro_step(batch(step, s))["loss"]) for s in range(2)]
+        # Three steps: the queue (16 slots, 8 keys a step) is empty, half full, full.
+        stats = [step.micro_step(batch(step, s), grad_norm=True) for s in range(3)]
+        out[f"{mode}_losses"] = [float(st["loss"]) for st in stats]
+        out[f"{mode}_grad_norms"] = [float(st["grad_norm"]) for st in stats]
+        out[f"{mode}_loss_queue"] = [float(st["loss_queue"]) for st in stats]
         out[f"{mode}_keys"] = sorted(step.engine.module.state_dict()) + sorted(step.momentum.state_dict())
     out["same_state_keys"] = out.pop("none_keys") == out.pop("default_keys")
     out["compiled_modules"] = [type(m).__name__ for m in step.engine.module.modules()
