@@ -219,6 +219,21 @@ def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
     assert all(torch.isfinite(t).all() for t in [*model.values(), *momentum.values()] if t.is_floating_point())
 
 
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_shards, tmp_path):
+    """Rank 1's loss alone is NaN, and no gradient norm is taken (no clipping,
+    no log step after step 1): only the all-reduced flag can tell rank 0 to
+    skip. Had it stepped, the
+    NaN gradients averaged from rank 1 would have made its weights NaN."""
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan_r1", **{
+        "train.max_steps": 4, "optim.grad_clip": 0.0, "train.log_every": 3}), env={"USER_DIST_FAULT_NAN": "1:1@1"})
+    assert code == 0, out[-3000:]
+    assert "non-finite loss or gradient: 1 optimiser step(s) skipped by step 3 (1 in all)" in out
+    meta, model, momentum, queues = final_state(tmp_path / "nan_r1")
+    assert meta["step"] == 4 and meta["skipped_nonfinite"] == 1
+    assert all(torch.isfinite(t).all() for t in [*model.values(), *momentum.values()] if t.is_floating_point())
+    assert all(torch.isfinite(q[k]).all() for q in queues for k in ("image", "text"))
+
+
 @pytest.mark.parametrize("zero, fault, message", [
     # ZeRO 0: three optimiser steps skipped on the device, seen at the log step after the third.
     (0, "2:1,3:1,4:1", "3 non-finite losses in a row by step 5: stopping"),

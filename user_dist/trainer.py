@@ -76,14 +76,17 @@ def _float_inputs_to(batch: Dict[str, torch.Tensor], device: torch.device, dtype
     return out
 
 
-def _parse_fault(spec: str) -> Dict[int, int]:
-    """``USER_DIST_FAULT_NAN=STEP:COUNT[,STEP:COUNT]``: a test hook that makes the
-    loss of the next COUNT micro-batches at optimiser step STEP non-finite, to
-    exercise the skip-and-stop path for real (docs/training.md)."""
+def _parse_fault(spec: str, rank: int) -> Dict[int, int]:
+    """``USER_DIST_FAULT_NAN=STEP:COUNT[@RANK][,...]``: a test hook that makes the
+    loss of the next COUNT micro-batches at optimiser step STEP non-finite (on
+    RANK only, if given), to exercise the skip-and-stop path for real
+    (docs/training.md)."""
     out: Dict[int, int] = {}
     for item in filter(None, spec.split(",")):
+        item, _, only = item.partition("@")
         step, _, count = item.partition(":")
-        out[int(step)] = int(count or 1)
+        if not only or int(only) == rank:
+            out[int(step)] = int(count or 1)
     return out
 
 
@@ -166,7 +169,7 @@ class TrainStep:
             # two graphs (a pool sharded over ranks stays eager: collectives).
             self._uto_loss = functools.partial(uto_loss, terms=compiled_uto_terms(t.compile))
         self.queue = NegativeQueues(cfg.queue, cfg.model.embed_size, self.device)
-        self._fault_nan = _parse_fault(os.environ.get("USER_DIST_FAULT_NAN", ""))
+        self._fault_nan = _parse_fault(os.environ.get("USER_DIST_FAULT_NAN", ""), du.rank())
 
     def micro_step(self, batch: Dict[str, Any], step: int = 0,
                    grad_norm: bool = False) -> Optional[Dict[str, torch.Tensor]]:
