@@ -227,7 +227,7 @@ class TrainStep:
             if self.skips is not None:
                 self.skips.after_step()
         self.queue.enqueue(img_k, txt_k, b["image_ids"], keep=keep)
-        stats["loss"] = loss.detach()
+        stats["loss"] = loss.detach().clone()  # the loss may live in a CUDA graph's reused output memory
         return stats
 
 
