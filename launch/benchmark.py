@@ -318,7 +318,7 @@ def breakdown(state, batches: List[dict], steps: int) -> Dict[str, object]:
             totals.append(time.perf_counter() - start)
     phases = {label: statistics.median(clock.seconds[label]) for _, _, label in PHASES}
     total = statistics.median(totals)
-    phases["other (inputs to the device, the finite-loss flag)"] = max(0.0, total - sum(phases.values()))
+    phases["other (inputs to the device, clipping, the finite-loss flag)"] = max(0.0, total - sum(phases.values()))
     return {"phases": phases, "total": total, "comm_seconds": comm.seconds / steps,
             "comm_bytes": {f"{p}: {c}": b // steps for (p, c), b in comm.bytes.items()},
             "comm_calls": {f"{p}: {c}": n / steps for (p, c), n in comm.calls.items()}}
