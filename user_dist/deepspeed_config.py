@@ -32,6 +32,15 @@ def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
     return ds
 
 
+def step_owns_optimizer(ds: Dict[str, Any]) -> bool:
+    """Whether the training step calls the plain torch optimiser itself: no
+    ZeRO (whose partitioned optimiser DeepSpeed drives) and no fp16 (whose
+    loss-scaling wrapper DeepSpeed drives). ``ds`` is the final config, after
+    the user's override. Then the step clips (``take_clipping``) and skips
+    non-finite steps on the device (user_dist.nonfinite)."""
+    return ds.get("zero_optimization", {}).get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled", False)
+
+
 def take_clipping(ds: Dict[str, Any]) -> float:
     """Move gradient-norm clipping out of DeepSpeed where the training step
     does it better; return the max norm the step must clip to (0: DeepSpeed
@@ -45,8 +54,7 @@ def take_clipping(ds: Dict[str, Any]) -> float:
     (after the user's override) and is changed in place.
     """
     clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if clip <= 0 or stage != 0 or ds.get("fp16", {}).get("enabled", False):
+    if clip <= 0 or not step_owns_optimizer(ds):
         return 0.0
     ds["gradient_clipping"] = 0.0
     return clip

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import Config, to_yaml
-from .deepspeed_config import derive, take_clipping, with_user_override
+from .deepspeed_config import derive, step_owns_optimizer, take_clipping, with_user_override
 from .monitor import Monitor, to_host
 from .nonfinite import DeviceSkips
 from .schedule import build_scheduler
@@ -128,8 +128,7 @@ class TrainStep:
         # skipped on the device (user_dist.nonfinite), which needs the fused
         # AdamW's found_inf (CUDA and CPU). Elsewhere DeepSpeed wraps the
         # optimiser and the loss is checked on the host.
-        device_skips = (ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0
-                        and not ds_cfg.get("fp16", {}).get("enabled", False))
+        device_skips = step_owns_optimizer(ds_cfg)
         fused = torch.cuda.is_available() or device_skips
         optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, fused=fused or None)
