@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import ROOT, free_port
-from tests.cluster.daemons import in_netns, marked_pids, run, wait_until
+from tests.cluster.daemons import HarnessError, in_netns, marked_pids, run, wait_until
 from tests.cluster.fixtures import VENV_BIN, cluster_env
 from tests.cluster.pdsh import NetnsPair
 from tests.cluster.slurm import SlurmCluster
@@ -136,6 +136,20 @@ def test_eval_sbatch_watches_a_run_or_evaluates_one_complete_checkpoint(slurm_cl
     assert (record["world"], record["launcher"]) == (1, "single")
     expect = [{"RUN": str(run_dir), "CKPT": str(ckpt)}.get(a, a) for a in expect]
     assert record["argv"] == expect + ["--no-deepspeed", "--out", out]
+
+
+def test_waiting_on_a_job_that_ends_first_fails_at_once_and_says_why(slurm_cluster, tmp_path):
+    script = tmp_path / "fails.sh"
+    script.write_text("#!/bin/bash\necho 'the job ran and gave up'\nexit 3\n")
+    job = slurm_cluster.sbatch(str(script), options=["--nodes=1", "--ntasks-per-node=1"])
+    started = time.monotonic()
+    with pytest.raises(HarnessError) as err:
+        slurm_cluster.wait_for(job, lambda: os.path.exists(tmp_path / "never"), JOB_TIMEOUT_S, "a file")
+    assert time.monotonic() - started < 30  # not the whole timeout
+    message = str(err.value)
+    assert f"Slurm job {job} ended before a file" in message
+    assert "state: FAILED" in message and "exit: 3:0" in message and "the job ran and gave up" in message
+    assert "node states:" in message and "slurmctld.log (tail)" in message
 
 
 def sleeps(mark):

@@ -90,6 +90,17 @@ def _parse_fault(spec: str, rank: int) -> Dict[int, int]:
     return out
 
 
+def _parse_fault_kill(spec: str, rank: int) -> Optional[int]:
+    """``USER_DIST_FAULT_KILL=STEP@RANK``: a test hook that makes rank RANK
+    SIGKILL itself once optimiser step STEP (and its checkpoint, if one falls
+    there) is done; a rank lost at a known point, for the launchers' fail-fast
+    and resume tests (docs/multinode.md). None: not this rank."""
+    if not spec:
+        return None
+    step, _, only = spec.partition("@")
+    return int(step) if not only or int(only) == rank else None
+
+
 class TrainStep:
     """The objects of one training step and the micro-step itself: DeepSpeed
     engine around the online towers, fp32 key towers, queues, UTO.
@@ -269,6 +280,7 @@ class Trainer:
         self.monitor = Monitor(run_dir, du.is_main(), self.total_steps)
         self.monitor.text("config", "```\n" + to_yaml(cfg) + "\n```")
         self.signals = _Signals()
+        self._fault_kill = _parse_fault_kill(os.environ.get("USER_DIST_FAULT_KILL", ""), self.rank)
 
     # ----------------------------------------------------------------- data
 
@@ -386,6 +398,10 @@ class Trainer:
                             raise StopRequested()
                     if t.ckpt_every_steps and self.pos.step % t.ckpt_every_steps == 0:
                         self.save()
+                    if self.pos.step == self._fault_kill:  # fault injection (tests): _parse_fault_kill
+                        log.warning("USER_DIST_FAULT_KILL: rank %d kills itself after step %d", self.rank,
+                                    self.pos.step)
+                        os.kill(os.getpid(), signal.SIGKILL)
                     if self.pos.step >= self.total_steps:
                         exhausted = False
                         break

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from tests.cluster.daemons import MARK, Daemon, HarnessError, kill_marked, run, wait_until
+from tests.cluster.daemons import MARK, Daemon, HarnessError, kill_marked, run, tail, wait_until
 
 NODES = ("127.0.0.1", "127.0.0.2")
 CPUS_PER_NODE = 2
@@ -188,25 +188,64 @@ class SlurmCluster:
         cp = run(["scontrol", "-o", "show", "job", job_id], self.env, check=False)
         return _parse_scontrol(cp.stdout) if cp.returncode == 0 else {}
 
+    def _gone(self, job_id: str) -> bool:
+        """Whether the job has left the queue (a requeued job has not)."""
+        for d in self._daemons:
+            d.check_alive()
+        cp = run(["squeue", "-h", "-j", job_id, "-o", "%T"], self.env, check=False)
+        return cp.returncode == 0 and not cp.stdout.strip()
+
     def wait(self, job_id: str, timeout_s: float) -> JobResult:
         """Poll squeue until the job has left the queue (requeues included);
         cancel it and raise if it takes longer than ``timeout_s``."""
-        def gone() -> bool:
-            for d in self._daemons:
-                d.check_alive()
-            cp = run(["squeue", "-h", "-j", job_id, "-o", "%T"], self.env, check=False)
-            return cp.returncode == 0 and not cp.stdout.strip()
         try:
-            wait_until(gone, timeout_s, f"Slurm job {job_id} to finish", poll_s=0.5)
+            wait_until(lambda: self._gone(job_id), timeout_s, f"Slurm job {job_id} to finish", poll_s=0.5)
         except HarnessError as e:
-            info = self.job_info(job_id)
+            report = self.diagnosis(job_id)
             run(["scancel", job_id], self.env, check=False)
-            raise HarnessError(f"{e}\njob state: {info.get('JobState')} reason: {info.get('Reason')}\n"
-                               f"job output:\n{self.output(job_id)}") from None
+            raise HarnessError(f"{e}\n{report}") from None
         info = self.job_info(job_id)
         code, _, sig = info.get("ExitCode", "-1:0").partition(":")
         return JobResult(job_id, info.get("JobState", "UNKNOWN"), int(code), int(sig or 0),
                          int(info.get("Restarts", 0)), info)
+
+    def wait_for(self, job_id: str, check, timeout_s: float, what: str):
+        """Poll ``check()`` while the job runs; return its first truthy value.
+
+        Raises at once if the job leaves the queue first, and after
+        ``timeout_s`` otherwise (cancelling the job), with :meth:`diagnosis`
+        in the message: a job that failed or never started is named as such,
+        not as a long wait for a file.
+        """
+        def ready():
+            value = check()
+            if value:
+                return value
+            if self._gone(job_id):
+                value = check()  # it may have finished between the two looks
+                if value:
+                    return value
+                raise HarnessError(f"Slurm job {job_id} ended before {what}\n{self.diagnosis(job_id)}")
+            return None
+        try:
+            return wait_until(ready, timeout_s, what, poll_s=0.5)
+        except HarnessError as e:
+            if "ended before" in str(e):
+                raise
+            report = self.diagnosis(job_id)
+            run(["scancel", job_id], self.env, check=False)
+            raise HarnessError(f"{e}\n{report}") from None
+
+    def diagnosis(self, job_id: str) -> str:
+        """What a failed wait needs: the job's state and reason, the nodes'
+        states and drain reasons, the job's output and the daemons' log tails."""
+        info = self.job_info(job_id)
+        nodes = run(["sinfo", "-h", "-N", "-o", "%N %T %E"], self.env, check=False).stdout.strip()
+        logs = "".join(f"--- {name} (tail):\n{tail(os.path.join(self.root, name), 15)}"
+                       for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in NODES)))
+        return (f"job {job_id} state: {info.get('JobState')} reason: {info.get('Reason')} "
+                f"exit: {info.get('ExitCode')} nodes: {info.get('NodeList')}\n"
+                f"node states:\n{nodes}\n--- job output:\n{self.output(job_id)[-6000:]}\n{logs}")
 
     def output(self, job_id: str) -> str:
         path = os.path.join(self.root, f"job-{job_id}.out")
