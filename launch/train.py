@@ -79,7 +79,11 @@ def main(argv=None) -> int:
 
     from user_dist.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, resume_from)
+    try:
+        trainer = Trainer(cfg, run_dir, resume_from)
+    except ConfigError as exc:  # every rank finds it (data layout, a checkpoint that cannot continue here)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     try:
         pos = trainer.fit()
     except FloatingPointError as exc:  # every rank agrees on it (the finiteness flag is all-reduced)

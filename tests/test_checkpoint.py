@@ -91,3 +91,16 @@ def test_incomplete_folder_is_never_chosen(tmp_path):
     (root / "step_00000003.tmp" / "COMPLETE").write_text("{}")
     (root / "latest").write_text("step_00000002")
     assert ckpt.latest_checkpoint(str(root)) == str(root / "step_00000001")
+
+
+def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
+    from user_dist.config import load_config, to_yaml
+
+    cfg = load_config(None, ["train.batch_size=12", "train.grad_accum=3", "train.zero_stage=1"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    # A checkpoint older than meta's global_batch/zero_stage: from its config.yaml.
+    assert ckpt.saved_layout(str(tmp_path), {"world_size": 4}) == {
+        "world_size": 4, "global_batch": 4 * 12 * 3, "zero_stage": 1}
+    # meta.json wins (the stage in force, after any DeepSpeed JSON override).
+    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2, "global_batch": 64, "zero_stage": 0}) == {
+        "world_size": 2, "global_batch": 64, "zero_stage": 0}

@@ -44,6 +44,26 @@ def test_masked_batchnorm_ignores_the_values_of_padded_rows():
     torch.testing.assert_close(norm(garbage, mask)[mask], norm(x, mask)[mask])
 
 
+def test_masked_batchnorm_running_statistics_skip_a_non_finite_batch():
+    x, mask = _regions()
+    norm = MaskedBatchNorm(5).double()
+    ref = torch.nn.BatchNorm1d(5).double()
+    norm(x, mask), ref(x[mask])
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        poisoned = x.clone()
+        poisoned[0, 0, 2] = bad  # a real row
+        assert not torch.isfinite(norm(poisoned, mask)).all()
+        for k, v in norm.state_dict().items():
+            assert torch.equal(v, state[k]), k  # bit for bit, num_batches_tracked included
+    # The next finite batch updates them as BatchNorm1d does, as if the bad ones never came.
+    x2, mask2 = _regions(seed=1)
+    norm(x2, mask2), ref(x2[mask2])
+    torch.testing.assert_close(norm.running_mean, ref.running_mean)
+    torch.testing.assert_close(norm.running_var, ref.running_var)
+    assert int(norm.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
 def test_paper_batchnorm_reproduces_batchnorm1d_36_over_region_slots():
     torch.manual_seed(0)
     sge = SGE(8, dropout=0.0, enhance_lambda=1.0, sync_norm=True, paper_regions=36).double()

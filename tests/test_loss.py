@@ -154,7 +154,7 @@ def test_the_compiled_loss_equals_the_eager_one_and_the_reference(case):
     img, txt, img_k, txt_k, ids, queue, (q_img, q_txt, q_ids) = case
     cfg = LossConfig(mu=MU, gamma=GAMMA, batch_weight=1.0, queue_weight=1.0)
     terms = compiled_uto_terms("default")
-    got, want = {}, {}
+    got = {}
     for name, kw in (("eager", {}), ("compiled", {"terms": terms})):
         a = [t.float().requires_grad_() for t in (img, txt)]
         loss, stats = uto_loss(a[0], a[1], img_k.float(), txt_k.float(), ids, queue, cfg, **kw)

@@ -36,20 +36,20 @@ def tiny_overrides(tiny_shards, run_root, name, **extra):
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-def start(launcher, overrides, env=None, **popen):
+def start(launcher, overrides, env=None, nproc=2, **popen):
     port = str(free_port())
     if launcher == "deepspeed":
-        cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, TRAIN, *overrides]
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", port, TRAIN, *overrides]
     else:
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, TRAIN,
-               *overrides]
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               TRAIN, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env(**(env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **popen)
 
 
-def run(launcher, overrides, timeout=400, env=None):
-    proc = start(launcher, overrides, env=env)
+def run(launcher, overrides, timeout=400, env=None, nproc=2):
+    proc = start(launcher, overrides, env=env, nproc=nproc)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -91,13 +91,15 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "full", **common))
     assert code == 0, out[-3000:]
 
-    proc = start("torchrun", tiny_overrides(tiny_shards, tmp_path, "cut", **common))
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        if "saved checkpoint" in line and "step_00000006" in line:
-            break
-        assert time.time() < deadline, "no step-6 checkpoint"
-    kill_job(proc, f"train.run_root={tmp_path} ")
+    # Every rank SIGKILLs itself right after the step-6 checkpoint (test hook):
+    # an outside kill on seeing that checkpoint raced the next ~0.2 s steps.
+    proc = start("torchrun", tiny_overrides(tiny_shards, tmp_path, "cut", **common),
+                 env={"USER_DIST_FAULT_KILL": "6"})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_job(proc, f"train.run_root={tmp_path} ")
+    assert proc.returncode != 0 and "kills itself after step 6" in out, out[-3000:]
     cut_dir = tmp_path / "cut"
     assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
 
@@ -119,6 +121,71 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     assert full[12] < full[1]
     with open(tmp_path / "full" / "train_log.jsonl") as f:
         assert any("val/rsum" in json.loads(line) for line in f)
+
+
+def logged(run_dir, key):
+    """step -> the last logged value of ``key`` (train_log.jsonl)."""
+    out = {}
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if key in rec:
+                out[rec["step"]] = rec[key]
+    return out
+
+
+def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(tiny_shards, tmp_path):
+    """2 ranks x 24 to step 6, then 1 rank x 48 to step 12 (across the epoch
+    boundary at 10), then 2 ranks x 24 to 14, sharded queue: the step count,
+    LR schedule and run carry over, the negative pool is laid out on the new
+    ranks; another global batch, or ZeRO 1, is refused with what to change."""
+    common = {"queue.mode": "sharded", "train.ckpt_every_steps": 3}
+    name = "elastic"
+
+    def job(nproc, batch, steps, **extra):
+        return run("torchrun", tiny_overrides(tiny_shards, tmp_path, name, **common, **{
+            "train.batch_size": batch, "train.max_steps": steps, "train.resume": "auto", **extra}), nproc=nproc)
+
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, name, **common, **{"train.max_steps": 6}))
+    assert code == 0, out[-3000:]
+    code, out = job(1, 48, 12)
+    assert code == 0, out[-3000:]
+    # 6 steps x 48 keys filled the 2 x 64 slots; one rank holds 64 of them, the newest.
+    assert "written by 2 ranks, on 1: the global batch (48)" in out, out[-3000:]
+    assert "the negative pool is 64 slots (was 128), 64 entries kept" in out
+    assert "resumed from" in out and "at step 6 " in out
+    code, out = job(2, 24, 14)
+    assert code == 0, out[-3000:]
+    assert "written by 1 ranks, on 2" in out and "the negative pool is 128 slots (was 64), 64 entries kept" in out
+    meta, *_ = final_state(tmp_path / name)
+    assert (meta["step"], meta["world_size"], meta["global_batch"], meta["zero_stage"]) == (14, 2, 48, 0)
+    assert meta["samples"] == 14 * 48
+    run_dir = tmp_path / name
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, 15)) and all(v == v for v in loss.values())  # none lost, none NaN
+    # The LR schedule went on where it was: decayed x0.1 from the epoch boundary (step 10) on.
+    lr = logged(run_dir, "lr/group0")
+    assert [lr[s] for s in range(1, 15)] == pytest.approx([5e-4] * 9 + [5e-5] * 5)
+    assert logged(run_dir, "train/epoch")[14] == 1.0
+    pool = logged(run_dir, "queue/pool_size")  # world x size_per_rank of the job that ran each step
+    assert [pool[s] for s in range(1, 15)] == [128] * 6 + [64] * 6 + [128] * 2
+
+    # Refused, with what to change: another global batch; ZeRO 1-2 (partitioned
+    # optimiser state). One process without a launcher: its exit code is the job's.
+    def single(batch, **extra):
+        r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(tiny_shards, tmp_path, name, **common, **{
+            "train.batch_size": batch, "train.max_steps": 16, "train.resume": "auto", **extra})],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+        return r.returncode, r.stdout + r.stderr
+
+    code, out = single(24)
+    assert code == 2, out[-3000:]
+    assert "global batch of 48; this job has 1 ranks x train.batch_size 24 x train.grad_accum 1 = 24" in out
+    assert "(here: train.batch_size=48)" in out
+    code, out = single(48, **{"train.zero_stage": 1})
+    assert code == 2, out[-3000:]
+    assert "only ZeRO 0 runs resume on another number of ranks" in out
+    assert final_state(run_dir)[0]["step"] == 14  # the refusals wrote nothing
 
 
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):

@@ -87,5 +87,11 @@ def test_a_non_finite_step_is_skipped_on_the_device_without_a_host_read():
     assert r["next_loss_finite"] and r["next_step_moves"] > 1e-3
     assert r["counts_after_next"] == [1, 0, 1]
     assert r["queue_ids_after_next"] == 8  # the skipped step's 8 slots stay empty (id -1)
+    # A NaN in the input, not the loss: the BatchNorm running statistics keep
+    # their values, so keys and evaluation stay finite and training goes on.
+    assert r["nan_input_norm_buffers"] > 0 and r["nan_input_loss_finite"] is False
+    assert r["nan_input_params_unchanged"] and r["nan_input_buffers_unchanged"] and r["nan_input_keys_finite"]
+    assert r["nan_input_next_loss_finite"] and r["nan_input_counts"] == [1, 0, 1]
+    assert r["nan_input_eval_finite"]
     # ZeRO 1: DeepSpeed wraps the optimiser; the host checks and the step returns None.
     assert r["zero1_device_skips"] is False and r["zero1_returns"] == "None"

@@ -7,7 +7,8 @@ Layout of one checkpoint (see docs/architecture.md):
         model_fp32.pt         online towers, fp32, tensors only (the eval job reads this)
         momentum.pt           key towers, fp32, tensors only
         config.yaml           the run's resolved config
-        meta.json             step, epoch, step_in_epoch, samples, world_size, time
+        meta.json             step, epoch, step_in_epoch, samples, world_size,
+                              global_batch, zero_stage, time
         user_state/rank_00000.pt   per rank: queue shard, RNG states, counters
         <deepspeed files>     engine state: module, optimiser, scheduler (client_state unused)
 
@@ -209,19 +210,39 @@ def load_meta(ckpt_dir: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def load_checkpoint(ckpt_dir: str, engine) -> Dict[str, Any]:
+def saved_layout(ckpt_dir: str, meta: Dict[str, Any]) -> Dict[str, int]:
+    """How the run that wrote ``ckpt_dir`` was laid out: world_size,
+    global_batch (ranks x batch_size x grad_accum) and zero_stage (in force).
+    From meta.json; checkpoints older than those fields: from config.yaml."""
+    out = {"world_size": int(meta["world_size"])}
+    if "global_batch" in meta and "zero_stage" in meta:
+        out.update(global_batch=int(meta["global_batch"]), zero_stage=int(meta["zero_stage"]))
+        return out
+    from omegaconf import OmegaConf  # plain YAML (config.to_yaml), loaded safely
+
+    train = OmegaConf.load(os.path.join(ckpt_dir, "config.yaml")).train
+    out.update(global_batch=out["world_size"] * int(train["batch_size"]) * int(train["grad_accum"]),
+               zero_stage=int(train["zero_stage"]))
+    return out
+
+
+def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False) -> Dict[str, Any]:
     """Restore the engine and return meta, momentum state and this rank's state.
 
-    Raises a clear error when the checkpoint was written with another world
-    size (per-rank queue shards and data positions would not line up).
+    A checkpoint written by another number of ranks raises a clear error
+    unless ``reshard`` (the caller has checked that it may: see
+    ``Trainer._restore``). Then ``rank_state`` holds no RNG state and its
+    ``queue`` is the list of the saving ranks' queue states (rank order), for
+    ``NegativeQueues.load_state_dict`` to lay out afresh.
     """
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no COMPLETE file); "
                                 "pick another one or use train.resume=auto")
     meta = load_meta(ckpt_dir)
-    if meta["world_size"] != du.world_size():
+    saved_world = int(meta["world_size"])
+    if saved_world != du.world_size() and not reshard:
         raise RuntimeError(
-            f"{ckpt_dir} was written by {meta['world_size']} ranks but this job has {du.world_size()}: "
+            f"{ckpt_dir} was written by {saved_world} ranks but this job has {du.world_size()}: "
             "queue shards and data positions are per rank. Resume with the same number of processes "
             "(see docs/training.md)")
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
@@ -229,9 +250,22 @@ def load_checkpoint(ckpt_dir: str, engine) -> Dict[str, Any]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
     momentum = torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
-    rank_state = torch.load(os.path.join(ckpt_dir, "user_state", f"rank_{du.rank():05d}.pt"),
-                            map_location="cpu", weights_only=True)
+    if saved_world == du.world_size():
+        rank_state = _load_rank_state(ckpt_dir, du.rank())
+    else:
+        first = _load_rank_state(ckpt_dir, 0)["queue"]
+        # A replicated queue is whole on every rank: rank 0's copy is enough.
+        queues = [first] if first["mode"] == "replicated" else \
+            [first] + [_load_rank_state(ckpt_dir, r)["queue"] for r in range(1, saved_world)]
+        rank_state = {"queue": queues, "rng": None}
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
+
+
+def _load_rank_state(ckpt_dir: str, rank: int) -> Dict[str, Any]:
+    path = os.path.join(ckpt_dir, "user_state", f"rank_{rank:05d}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is incomplete; pick another checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_model_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:

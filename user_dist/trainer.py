@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import distributed as du
-from .config import Config, to_yaml
+from .config import Config, ConfigError, to_yaml
 from .deepspeed_config import derive, step_owns_optimizer, take_clipping, with_user_override
 from .monitor import Monitor, to_host
 from .nonfinite import DeviceSkips
@@ -151,7 +151,7 @@ class TrainStep:
         self.skips = DeviceSkips(self.device, self.world) if device_skips else None
         if self.skips is not None:
             optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
-        zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
+        self._zero = zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
         if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
             # gradient into a bucket and copy it back, for nothing.
@@ -223,7 +223,7 @@ class TrainStep:
             # The gradients are whole and averaged over ranks here (ZeRO 0
             # all-reduces in backward): every rank computes the same norm.
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self._clip, foreach=True)
-        elif grad_norm and boundary and self.cfg.train.zero_stage == 0:
+        elif grad_norm and boundary and self._zero == 0:
             # Without ZeRO, DeepSpeed keeps no norm.
             grads = [p.grad for p in self._params if p.grad is not None]
             stats["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -291,13 +291,57 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
 
+    def _reshard_check(self, path: str, saved: Dict[str, int]) -> None:
+        """Whether a checkpoint of ``saved['world_size']`` ranks may continue on
+        this job's: the same global batch (so the step count, the epoch's
+        length and the LR schedule mean what they meant) and ZeRO 0 on both
+        sides (ZeRO 1-2 partition the optimiser state by rank). Raises
+        ConfigError saying what to change."""
+        t = self.cfg.train
+        mine = self.world * t.batch_size * t.grad_accum
+        if saved["global_batch"] != mine:
+            hint = ""
+            per_rank, rem = divmod(saved["global_batch"], self.world * t.grad_accum)
+            if per_rank > 0 and rem == 0:
+                hint = f" (here: train.batch_size={per_rank})"
+            raise ConfigError(
+                f"{path} was written by {saved['world_size']} ranks with a global batch of "
+                f"{saved['global_batch']}; this job has {self.world} ranks x train.batch_size {t.batch_size} x "
+                f"train.grad_accum {t.grad_accum} = {mine}. To resume on another number of ranks keep the "
+                f"global batch: set train.batch_size and train.grad_accum so that ranks x batch_size x "
+                f"grad_accum = {saved['global_batch']}{hint}")
+        if saved["zero_stage"] != 0 or self.step_fn._zero != 0:
+            raise ConfigError(
+                f"{path} was written by {saved['world_size']} ranks with ZeRO stage {saved['zero_stage']}; this "
+                f"job has {self.world} ranks and ZeRO stage {self.step_fn._zero}. ZeRO 1-2 partition the "
+                "optimiser state by rank, so only ZeRO 0 runs resume on another number of ranks: resume with "
+                f"{saved['world_size']} ranks (see docs/training.md)")
+
     def _restore(self, path: str) -> None:
-        state = ckpt.load_checkpoint(path, self.engine)
+        if not ckpt.is_complete(path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE file); "
+                                    "pick another one or use train.resume=auto")
+        saved = ckpt.saved_layout(path, ckpt.load_meta(path))
+        reshard = saved["world_size"] != self.world
+        if reshard:
+            self._reshard_check(path, saved)
+        state = ckpt.load_checkpoint(path, self.engine, reshard=reshard)
         self.momentum.load_state_dict(state["momentum"])
         rs = state["rank_state"]
         self.queue.load_state_dict(rs["queue"])
-        ckpt.set_rng_state(rs["rng"])
         m = state["meta"]
+        if reshard:
+            # New ranks, new streams: per-rank dropout noise seeded afresh (and
+            # apart from this run's start), the queue laid out on the new ranks.
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 1 + 7919 * int(m["step"]))
+            old_pool = saved["world_size"] * int(rs["queue"][0]["size_per_rank"])
+            log.warning("resuming %s, written by %d ranks, on %d: the global batch (%d) and the LR schedule "
+                        "carry over; the negative pool is %d slots (was %d), %d entries kept, the newest; "
+                        "the data of the interrupted epoch is split afresh between the ranks",
+                        path, saved["world_size"], self.world, saved["global_batch"], self.queue.pool_size,
+                        old_pool, self.queue.fill)
+        else:
+            ckpt.set_rng_state(rs["rng"])
         saved_fp = m.get("data_fingerprint")
         if saved_fp is not None and saved_fp != self.data_fingerprint:
             changed = sorted(k for k in set(saved_fp) | set(self.data_fingerprint)
@@ -313,8 +357,9 @@ class Trainer:
     def save(self) -> str:
         self._count_device_skips()
         p = self.pos
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world
         meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "skipped_nonfinite": p.skipped_nonfinite,
-                "samples": p.step * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world,
+                "samples": p.step * global_batch, "global_batch": global_batch, "zero_stage": self.step_fn._zero,
                 "best_rsum": self.best_rsum if self.best_rsum > float("-inf") else None,
                 "best_tag": self.best_tag, "data_fingerprint": self.data_fingerprint}
         path = ckpt.save_checkpoint(

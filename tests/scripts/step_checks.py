@@ -146,10 +146,44 @@ def nonfinite_check() -> dict:
     out["next_step_moves"] = max(float((params(step)[n] - p0[n]).abs().max()) for n in p0)
     out["counts_after_next"] = step.skips.counts.tolist()
     out["queue_ids_after_next"] = int((step.queue.ids >= 0).sum())
+    out.update(nan_input_check())
     host = build(["optim.lr=0.01", "train.zero_stage=1"])
     host._fault_nan = {0: 1}
     out["zero1_device_skips"] = host.skips is not None
     out["zero1_returns"] = repr(host.micro_step(batch(host, 0), step=0))
+    return out
+
+
+def norm_buffers(module: torch.nn.Module) -> dict:
+    return {n: b.detach().clone() for n, b in module.named_buffers() if ".running_" in n}
+
+
+def nan_input_check() -> dict:
+    """A NaN in one region feature (not in the loss): the step is skipped and
+    the BatchNorm running statistics keep their values, so the key towers
+    (their EMA) and evaluation stay finite and the next step trains."""
+    step = build(["optim.lr=0.01", "optim.grad_clip=1.0"])
+    step.micro_step(batch(step, 0), step=0)
+    p0, bn0 = params(step), norm_buffers(step.engine.module)
+    bad = batch(step, 1)
+    bad["regions"][0, 0, 0] = float("nan")
+    stats = step.micro_step(bad, step=1)
+    out = {"nan_input_norm_buffers": len(bn0),
+           "nan_input_loss_finite": bool(torch.isfinite(stats["loss"])),
+           "nan_input_params_unchanged": all(torch.equal(p0[n], v) for n, v in params(step).items()),
+           "nan_input_buffers_unchanged": all(torch.equal(bn0[n], v)
+                                              for n, v in norm_buffers(step.engine.module).items()),
+           "nan_input_keys_finite": all(bool(torch.isfinite(t).all()) for t in
+                                        norm_buffers(step.momentum.module).values())}
+    stats = step.micro_step(batch(step, 2), step=2)
+    out["nan_input_next_loss_finite"] = bool(torch.isfinite(stats["loss"]))
+    out["nan_input_counts"] = step.skips.counts.tolist()
+    model = step.engine.module
+    model.eval()
+    with torch.no_grad():
+        img, txt = model(trainer._float_inputs_to(batch(step, 3), step.device, torch.float32))
+    model.train()
+    out["nan_input_eval_finite"] = bool(torch.isfinite(img).all() and torch.isfinite(txt).all())
     return out
 
 

@@ -41,7 +41,8 @@ class MaskedBatchNorm(nn.Module):
     statistics are computed in at least fp32; ranks combine
     (count, mean, M2) per rank (Chan's parallel formula), with gradient.
     Running statistics follow torch's BatchNorm (momentum 0.1, unbiased
-    running variance), so they stay identical on every rank when synced.
+    running variance), so they stay identical on every rank when synced; a
+    batch with non-finite statistics does not update them.
     """
 
     def __init__(self, num_features: int, sync: bool = True, eps: float = 1e-5, momentum: float = 0.1):
@@ -82,9 +83,17 @@ class MaskedBatchNorm(nn.Module):
             mean, var, count = self._batch_stats(flat, None if mask is None else mask.reshape(-1))
             with torch.no_grad():
                 unbiased = var * count / (count - 1).clamp(min=1)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
+                # A non-finite batch (an overflow, a bad sample) leaves the running
+                # statistics as they were: its step is skipped (user_dist.nonfinite),
+                # and NaN running statistics would otherwise stay for good, in
+                # evaluation and, through the EMA, in every key. Decided on the
+                # device; when synced, the same on every rank.
+                ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+                mean = torch.where(ok, mean.to(self.running_mean.dtype), self.running_mean)
+                unbiased = torch.where(ok, unbiased.to(self.running_var.dtype), self.running_var)
+                self.running_mean.lerp_(mean, self.momentum)  # lerp towards itself: unchanged
+                self.running_var.lerp_(unbiased, self.momentum)
+                self.num_batches_tracked.add_(ok.long())
         else:
             mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
         y = (flat - mean) * torch.rsqrt(var + self.eps) * self.weight.to(dtype) + self.bias.to(dtype)
