@@ -84,9 +84,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:  # every rank finds it (data layout, a checkpoint that cannot continue here)
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from user_dist.checkpoint import CheckpointSaveError
+
     try:
         pos = trainer.fit()
     except FloatingPointError as exc:  # every rank agrees on it (the finiteness flag is all-reduced)
+        log.error("%s", exc)
+        return 1
+    except CheckpointSaveError as exc:  # a full disk: every rank (free space), or the one whose write failed
         log.error("%s", exc)
         return 1
     finally:

@@ -65,6 +65,56 @@ def kill_job(proc, marker: str) -> None:
     proc.wait()
 
 
+class SmallDisk:
+    """A real file system of a few MB (tmpfs) where a full disk happens for real."""
+
+    def __init__(self, path, size_mb: int):
+        import subprocess
+
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+        cp = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", self.path],
+                            capture_output=True, text=True)
+        assert cp.returncode == 0, (f"mounting a {size_mb} MB tmpfs at {self.path} failed ({cp.stderr.strip()}): "
+                                    "the full-disk tests need root (CAP_SYS_ADMIN), as the cluster tests do")
+
+    def resize(self, size_mb: int) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", f"remount,size={size_mb}m", self.path], check=True)
+
+    def free_bytes(self) -> int:
+        import shutil
+
+        return shutil.disk_usage(self.path).free
+
+    def fill(self, leave_bytes: int = 0) -> str:
+        """Write a ballast file until only ``leave_bytes`` are free; its path."""
+        ballast = os.path.join(self.path, "ballast")
+        with open(ballast, "wb") as f:
+            f.write(b"\0" * max(0, self.free_bytes() - leave_bytes))
+        return ballast
+
+    def unmount(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", self.path], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory: ``small_disk(size_mb)`` -> a mounted SmallDisk under tmp_path, unmounted afterwards."""
+    disks = []
+
+    def make(size_mb: int) -> SmallDisk:
+        disks.append(SmallDisk(tmp_path / f"disk{len(disks)}", size_mb))
+        return disks[-1]
+
+    yield make
+    for d in disks:
+        d.unmount()
+
+
 # Real-cluster fixtures (Slurm, sshd/pdsh, network namespaces, TensorBoard).
 from tests.cluster.fixtures import pdsh_hosts, slurm_cluster, tensorboard_server  # noqa: E402,F401
 

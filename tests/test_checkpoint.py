@@ -104,3 +104,49 @@ def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
     # meta.json wins (the stage in force, after any DeepSpeed JSON override).
     assert ckpt.saved_layout(str(tmp_path), {"world_size": 2, "global_batch": 64, "zero_stage": 0}) == {
         "world_size": 2, "global_batch": 64, "zero_stage": 0}
+
+
+def _file_bytes(folder):
+    return {os.path.relpath(os.path.join(b, n), folder): open(os.path.join(b, n), "rb").read()
+            for b, _, names in os.walk(folder) for n in names}
+
+
+def test_a_write_that_fills_the_disk_leaves_the_saved_checkpoints_intact(tmp_path, small_disk):
+    """A real full disk (tmpfs) in the middle of a save, the free-space check
+    turned off: the job stops with a message naming the failed save and the
+    newest complete checkpoint, which is untouched; freed, it resumes."""
+    disk = small_disk(8)
+    run_dir = os.path.join(disk.path, "run")
+    finish(launch(run_dir, 2))
+    root = os.path.join(run_dir, "checkpoints")
+    before = _file_bytes(os.path.join(root, "step_00000002"))
+    ballast = disk.fill(leave_bytes=0)
+    proc = launch(run_dir, 1, "--resume", "--no-space-check")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    assert "saving checkpoint step_00000003 failed on rank" in out and "No space left on device" in out, out[-3000:]
+    assert f"the newest complete one is {os.path.join(root, 'step_00000002')}" in out
+    assert ckpt.latest_checkpoint(root) == os.path.join(root, "step_00000002")
+    assert _file_bytes(os.path.join(root, "step_00000002")) == before  # bit for bit
+    assert not [n for n in os.listdir(root) if ".tmp." in n]  # no half-written pointer file
+    os.remove(ballast)
+    out = finish(launch(run_dir, 1, "--resume"))
+    assert "resumed 2" in out and "saved 3" in out
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing_on_every_rank(tmp_path, small_disk):
+    disk = small_disk(8)
+    run_dir = os.path.join(disk.path, "run")
+    finish(launch(run_dir, 2))
+    root = os.path.join(run_dir, "checkpoints")
+    before = _file_bytes(root)
+    ballast = disk.fill(leave_bytes=ckpt.folder_bytes(os.path.join(root, "step_00000002")) // 2)
+    proc = launch(run_dir, 1, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    # Both ranks refuse alike (no rank waits for another in a collective).
+    assert out.count("not enough free space for checkpoint step_00000003") == 2, out[-3000:]
+    assert "Nothing was written; the newest complete checkpoint is" in out
+    assert _file_bytes(root) == before
+    os.remove(ballast)
+    assert "saved 3" in finish(launch(run_dir, 1, "--resume"))

@@ -188,6 +188,31 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert final_state(run_dir)[0]["step"] == 14  # the refusals wrote nothing
 
 
+def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards, tmp_path, small_disk):
+    """The run folder on a real 52 MB file system, checkpoints of ~20 MB every
+    2 steps: the third does not fit. Every rank stops before writing it, with
+    a message; the step-4 checkpoint and the log are intact; with more space
+    the same command resumes there."""
+    disk = small_disk(52)
+    common = {"train.run_root": disk.path, "train.ckpt_every_steps": 2, "train.keep_last": 2}
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "full", **common, **{"train.max_steps": 8}))
+    assert code != 0, out[-3000:]
+    assert out.count("not enough free space for checkpoint step_00000006") == 2, out[-4000:]  # both ranks
+    run_dir = os.path.join(disk.path, "full")
+    root = os.path.join(run_dir, "checkpoints")
+    assert "Nothing was written; the newest complete checkpoint is " + os.path.join(root, "step_00000004") in out
+    assert [os.path.basename(d) for d in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+    assert sorted(losses(run_dir)) == list(range(1, 7))  # the log is whole up to the stop
+    disk.resize(120)
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "full", **common, **{
+        "train.max_steps": 8, "train.resume": "auto"}))
+    assert code == 0, out[-3000:]
+    assert "at step 4 " in out
+    assert ckpt.load_meta(ckpt.latest_checkpoint(root))["step"] == 8
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+
+
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):
     proc = start("deepspeed", tiny_overrides(tiny_shards, tmp_path, "pre", **{"train.epochs": 50}))
     deadline = time.time() + 300

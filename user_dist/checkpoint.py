@@ -24,6 +24,7 @@ are the run's own output and are loaded by DeepSpeed itself.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import distributed as du
 
@@ -45,11 +47,15 @@ def tag_for(step: int) -> str:
 
 def _atomic_write(path: str, data: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)  # a full disk leaves no half-written file behind
+        raise
 
 
 def write_pointer(path: str, tag: str) -> None:
@@ -59,8 +65,19 @@ def write_pointer(path: str, tag: str) -> None:
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def is_complete(ckpt_dir: str) -> bool:
@@ -144,6 +161,56 @@ def full_fp32_state_dict(engine) -> Dict[str, torch.Tensor]:
     return out
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often). The message
+    says what was kept and what to do; nothing saved before was touched."""
+
+
+def folder_bytes(path: str) -> int:
+    """Bytes of the files under ``path``."""
+    total = 0
+    for base, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(base, name))
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
+def estimate_bytes(ckpt_root: str, engine) -> int:
+    """What the next checkpoint will take on disk: the newest one's size, or
+    before the first, 4 bytes x 5 copies of every parameter (DeepSpeed's
+    module, Adam's two moments, the fp32 export, the momentum towers)."""
+    newest = latest_checkpoint(ckpt_root)
+    if newest is not None:
+        return folder_bytes(newest)
+    return 20 * sum(p.numel() for p in engine.module.parameters())
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MB"
+
+
+def check_free_space(ckpt_root: str, tag: str, need: int, device) -> None:
+    """Refuse a save that would not fit, before anything is written, on every
+    rank alike (one all-reduce). Each rank checks the file system it writes
+    to: a shared one, or each node's own. Raises CheckpointSaveError."""
+    need = int(need * 1.05) + 2 ** 20  # headroom: sizes vary a little between saves
+    free = shutil.disk_usage(ckpt_root).free
+    short = torch.tensor([int(free < need)], dtype=torch.int32)
+    if du.world_size() > 1:
+        short = short.to(device)
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if int(short.item()):
+        newest = latest_checkpoint(ckpt_root)
+        raise CheckpointSaveError(
+            f"not enough free space for checkpoint {tag} under {ckpt_root}: it needs about {_mb(need)}, "
+            f"{_mb(free)} are free here (rank {du.rank()}; a rank with less stops every rank). Nothing was "
+            f"written; the newest complete checkpoint is {newest or 'none yet'}. Free space (a save holds "
+            "train.keep_last + 1 checkpoints until the oldest is pruned), then resume with train.resume=auto")
+
+
 def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], config_yaml: str,
                     momentum_state: Dict[str, torch.Tensor], rank_state: Dict[str, Any],
                     keep_last: int, keep_tags: tuple = ()) -> str:
@@ -155,6 +222,12 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
         rank_state: this rank's own state (queue shard, counters); RNG added here.
         keep_last: how many step checkpoints to keep (plus ``keep_tags``).
     Returns: the final checkpoint folder.
+    Raises:
+        CheckpointSaveError: too little free space (checked first, on every
+            rank alike), or a write failed (this rank's; the other ranks are
+            ended by the launcher when this one exits). Either way the
+            checkpoints saved before are untouched and ``latest`` still
+            points at a complete one.
     """
     root = os.path.join(run_dir, "checkpoints")
     tag = tag_for(step)
@@ -166,6 +239,42 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
         if os.path.exists(tmp):  # left by a crash during an earlier save
             shutil.rmtree(tmp)
     du.barrier()
+    check_free_space(root, tag, estimate_bytes(root, engine), engine.device)
+    try:
+        try:
+            return _write(root, tag, tmp, final, engine, step, meta, config_yaml, momentum_state, rank_state,
+                          keep_last, keep_tags)
+        except RuntimeError as exc:
+            raise _as_write_error(exc, root) from exc
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(root)
+        raise CheckpointSaveError(
+            f"saving checkpoint {tag} failed on rank {du.rank()}: {exc}. The checkpoints saved before are "
+            f"untouched: the newest complete one is {newest or 'none yet'}; the unfinished {tmp_tag} was "
+            f"removed (any rest goes with the next save). Free space under {root}, then resume with "
+            "train.resume=auto") from exc
+
+
+# torch.save reports a failed write (a full disk) as a RuntimeError from its
+# C++ stream writer, not as an OSError.
+_WRITE_FAILURES = ("file write failed", "failed writing", "iostream error", "unexpected pos")
+
+
+def _as_write_error(exc: RuntimeError, root: str) -> BaseException:
+    """``exc`` as an OSError when it is a failed write, else ``exc`` itself."""
+    text = str(exc)
+    if not any(m in text for m in _WRITE_FAILURES):
+        return exc
+    full = shutil.disk_usage(root).free < 2 ** 20
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"{os.strerror(errno.ENOSPC) if full else 'write failed'} ({text.strip().splitlines()[0]})")
+
+
+def _write(root: str, tag: str, tmp: str, final: str, engine, step: int, meta: Dict[str, Any], config_yaml: str,
+           momentum_state: Dict[str, torch.Tensor], rank_state: Dict[str, Any], keep_last: int,
+           keep_tags: tuple) -> str:
+    tmp_tag = os.path.basename(tmp)
     model_fp32 = full_fp32_state_dict(engine)  # collective
     engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
     os.makedirs(os.path.join(tmp, "user_state"), exist_ok=True)

@@ -49,7 +49,12 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-            self.jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a")
+            path = os.path.join(run_dir, "train_log.jsonl")
+            # A line cut short (a full disk, a kill mid-write) must not swallow the next run's first line.
+            cut = os.path.isfile(path) and os.path.getsize(path) > 0 and not _ends_with_newline(path)
+            self.jsonl = open(path, "a")
+            if cut:
+                self.jsonl.write("\n")
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer:
@@ -59,10 +64,23 @@ class Monitor:
         """Log numbers (already on the host) under their tags."""
         if not self.enabled:
             return
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, v, step)
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self.jsonl.flush()
+        if self.writer is not None:
+            try:
+                for tag, v in values.items():
+                    self.writer.add_scalar(tag, v, step)
+            except OSError as exc:  # its writer thread's error (a full disk), raised here
+                self._tb_failed(exc)
+        if self.jsonl is None:
+            return
+        try:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            self.jsonl.flush()
+        except OSError as exc:
+            # A full disk: training goes on (the next checkpoint checks the free
+            # space itself and stops the job cleanly); the log says so once.
+            log.error("%s: %s; train_log.jsonl stops here (the progress lines go on)",
+                      self.jsonl.name, exc)
+            self._close_jsonl()
 
     def progress(self, step: int, epoch: int, values: Dict[str, float]) -> None:
         """One progress line: step, epoch, loss, lr, samples/s, ETA."""
@@ -80,13 +98,43 @@ class Monitor:
 
     def flush(self) -> None:
         if self.writer:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except OSError as exc:
+                self._tb_failed(exc)
 
     def close(self) -> None:
         if self.writer:
-            self.writer.close()
-        if self.jsonl:
+            try:
+                self.writer.close()
+            except OSError as exc:
+                self._tb_failed(exc)
+        self._close_jsonl()
+
+    def _tb_failed(self, exc: OSError) -> None:
+        """TensorBoard's writer failed (a full disk): say so once, log on without it."""
+        log.error("TensorBoard events under %s: %s; TensorBoard logging stops here (train_log.jsonl and the "
+                  "progress lines go on)", self.writer.log_dir, exc)
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except OSError:
+            pass
+
+    def _close_jsonl(self) -> None:
+        if self.jsonl is None:
+            return
+        try:
             self.jsonl.close()
+        except OSError:  # its buffer could not be written either (full disk): already reported
+            pass
+        self.jsonl = None
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def to_host(stats: Dict[str, torch.Tensor]) -> Dict[str, float]:

@@ -367,7 +367,10 @@ class Trainer:
             momentum_state=self.momentum.state_dict(), rank_state={"queue": self.queue.state_dict()},
             keep_last=self.cfg.train.keep_last, keep_tags=(self.best_tag,) if self.best_tag else ())
         if du.is_main() and self.best_tag == os.path.basename(path):
-            ckpt.write_pointer(os.path.join(self.run_dir, "checkpoints", "best"), self.best_tag)
+            try:
+                ckpt.write_pointer(os.path.join(self.run_dir, "checkpoints", "best"), self.best_tag)
+            except OSError as exc:  # the checkpoint itself is complete; meta.json names the best too
+                log.error("could not point checkpoints/best at %s: %s", self.best_tag, exc)
         log.info("saved checkpoint %s", path)
         return path
 

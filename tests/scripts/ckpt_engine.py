@@ -1,9 +1,11 @@
 """A tiny real DeepSpeed job that saves user-dist checkpoints in a loop.
 
-    torchrun --nproc_per_node 2 tests/scripts/ckpt_engine.py RUN_DIR N_SAVES [--resume]
+    torchrun --nproc_per_node 2 tests/scripts/ckpt_engine.py RUN_DIR N_SAVES [--resume] [--no-space-check]
 
 Prints "saved <step>" after each complete save (rank 0), so a test can kill
 it with SIGKILL at any moment and check what is left on disk.
+``--no-space-check`` turns off the free-space check before each save, so
+that a full disk fails the writes themselves (the second line of defence).
 """
 import os
 import sys
@@ -21,6 +23,8 @@ from user_dist.deepspeed_config import derive  # noqa: E402
 def main():
     run_dir, n = sys.argv[1], int(sys.argv[2])
     resume = "--resume" in sys.argv
+    if "--no-space-check" in sys.argv:
+        ckpt.check_free_space = lambda *args, **kwargs: None
     import deepspeed
 
     du.init_distributed(timeout_s=60)
