@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import List, Optional
@@ -30,6 +31,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.run(args)
     except (BuildError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        # ShardWriter removed what it had written of the failing split.
+        where = f" while writing under {args.out}" if getattr(args, "out", None) else ""
+        print(f"error: {exc}{where}. The shards of the split being written were removed and no manifest.json "
+              f"was written for it (splits finished before are complete). Free space, then run the same "
+              f"command again (with --overwrite to rebuild the finished splits too)", file=sys.stderr)
         return 2
     return 0
 

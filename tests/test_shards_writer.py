@@ -120,3 +120,15 @@ def test_cli_has_help_for_every_command(capsys):
 def test_cli_reports_build_errors_without_a_traceback(tmp_path, capsys):
     assert main(["precomp", "--root", str(tmp_path), "--split", "test", "--out", str(tmp_path / "o")]) == 2
     assert "missing file" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_partial_shard_and_no_manifest(small_disk, capsys):
+    disk = small_disk(1)  # a real 1 MB file system: the first split does not fit
+    out = os.path.join(disk.path, "synthetic")
+    assert main(["synthetic", "--out", out, "--train-images", "200", "--val-images", "10", "--test-images", "10",
+                 "--region-dim", "256", "--modes", "regions", "--shard-size", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"while writing under {out}" in err
+    assert "were removed and no manifest.json was written" in err
+    left = [os.path.join(b, n) for b, _, names in os.walk(out) for n in names]
+    assert not [p for p in left if ".partial-" in p or p.endswith("manifest.json")], left
