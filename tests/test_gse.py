@@ -37,6 +37,23 @@ def test_masked_batchnorm_uses_only_real_rows_like_batchnorm1d_on_them():
     torch.testing.assert_close(norm(x, mask), ref(x.reshape(-1, 5)).reshape(x.shape))
 
 
+def test_masked_batchnorm_gradients_match_batchnorm1d_on_the_real_rows():
+    x, mask = _regions()
+    norm = MaskedBatchNorm(5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    ref = torch.nn.BatchNorm1d(5).double()
+    ref.load_state_dict(norm.state_dict())
+    a, b = x.clone().requires_grad_(), x[mask].clone().requires_grad_()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (norm(a, mask) * w)[mask].sum().backward()
+    (ref(b) * w[mask]).sum().backward()
+    torch.testing.assert_close(a.grad[mask], b.grad)  # through the batch mean and variance too
+    torch.testing.assert_close(norm.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(norm.bias.grad, ref.bias.grad)
+
+
 def test_masked_batchnorm_ignores_the_values_of_padded_rows():
     x, mask = _regions()
     norm = MaskedBatchNorm(5).double()

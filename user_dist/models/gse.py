@@ -89,10 +89,11 @@ class MaskedBatchNorm(nn.Module):
                 # evaluation and, through the EMA, in every key. Decided on the
                 # device; when synced, the same on every rank.
                 ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-                mean = torch.where(ok, mean.to(self.running_mean.dtype), self.running_mean)
-                unbiased = torch.where(ok, unbiased.to(self.running_var.dtype), self.running_var)
-                self.running_mean.lerp_(mean, self.momentum)  # lerp towards itself: unchanged
-                self.running_var.lerp_(unbiased, self.momentum)
+                # New names: `mean` itself (with its gradient) normalises below.
+                new_mean = torch.where(ok, mean.to(self.running_mean.dtype), self.running_mean)
+                new_var = torch.where(ok, unbiased.to(self.running_var.dtype), self.running_var)
+                self.running_mean.lerp_(new_mean, self.momentum)  # lerp towards itself: unchanged
+                self.running_var.lerp_(new_var, self.momentum)
                 self.num_batches_tracked.add_(ok.long())
         else:
             mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
