@@ -101,6 +101,12 @@ def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
     # A checkpoint older than meta's global_batch/zero_stage: from its config.yaml.
     assert ckpt.saved_layout(str(tmp_path), {"world_size": 4}) == {
         "world_size": 4, "global_batch": 4 * 12 * 3, "zero_stage": 1}
+    # A ZeRO-1 run whose YAML said 0 (a DeepSpeed JSON override): its optimiser partitions tell.
+    zero0 = load_config(None, ["train.batch_size=12"])
+    (tmp_path / "config.yaml").write_text(to_yaml(zero0))
+    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2})["zero_stage"] == 0
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2})["zero_stage"] == 1
     # meta.json wins (the stage in force, after any DeepSpeed JSON override).
     assert ckpt.saved_layout(str(tmp_path), {"world_size": 2, "global_batch": 64, "zero_stage": 0}) == {
         "world_size": 2, "global_batch": 64, "zero_stage": 0}
@@ -140,6 +146,8 @@ def test_a_save_that_cannot_fit_is_refused_before_writing_on_every_rank(tmp_path
     finish(launch(run_dir, 2))
     root = os.path.join(run_dir, "checkpoints")
     before = _file_bytes(root)
+    # The next save is estimated at the newest one's size.
+    assert ckpt.estimate_bytes(root, None) == ckpt.folder_bytes(os.path.join(root, "step_00000002")) > 0
     ballast = disk.fill(leave_bytes=ckpt.folder_bytes(os.path.join(root, "step_00000002")) // 2)
     proc = launch(run_dir, 1, "--resume")
     out, _ = proc.communicate(timeout=300)

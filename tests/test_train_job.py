@@ -169,6 +169,12 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert logged(run_dir, "train/epoch")[14] == 1.0
     pool = logged(run_dir, "queue/pool_size")  # world x size_per_rank of the job that ran each step
     assert [pool[s] for s in range(1, 15)] == [128] * 6 + [64] * 6 + [128] * 2
+    # The optimiser came back both times: Adam's step count is the run's (a fresh one would say 2).
+    # DeepSpeed's own file, written by this test: it holds more than tensors.
+    engine_state = torch.load(os.path.join(ckpt.latest_checkpoint(str(run_dir / "checkpoints")),
+                                           "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    assert engine_state["global_steps"] == 14
+    assert {int(v["step"]) for v in engine_state["optimizer"]["state"].values()} == {14}
 
     # Refused, with what to change: another global batch; ZeRO 1-2 (partitioned
     # optimiser state). One process without a launcher: its exit code is the job's.

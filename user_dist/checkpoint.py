@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from . import distributed as du
 
 TAG_PREFIX = "step_"
+log = logging.getLogger("user_dist")
 
 
 def tag_for(step: int) -> str:
@@ -96,13 +98,10 @@ def list_checkpoints(ckpt_root: str) -> List[str]:
 
 
 def latest_checkpoint(ckpt_root: str) -> Optional[str]:
-    """The newest complete checkpoint: ``latest`` if it is valid, else a scan."""
-    pointer = os.path.join(ckpt_root, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            cand = os.path.join(ckpt_root, f.read().strip())
-        if is_complete(cand):
-            return cand
+    """The newest complete checkpoint, by step. Found by a scan, not through
+    the ``latest`` pointer (which is for people and tools): a save whose
+    folder was renamed into place is complete even if the pointer could not
+    be updated after it (a crash, a full disk)."""
     done = list_checkpoints(ckpt_root)
     return done[-1] if done else None
 
@@ -180,12 +179,16 @@ def folder_bytes(path: str) -> int:
 
 def estimate_bytes(ckpt_root: str, engine) -> int:
     """What the next checkpoint will take on disk: the newest one's size, or
-    before the first, 4 bytes x 5 copies of every parameter (DeepSpeed's
-    module, Adam's two moments, the fp32 export, the momentum towers)."""
-    newest = latest_checkpoint(ckpt_root)
-    if newest is not None:
-        return folder_bytes(newest)
-    return 20 * sum(p.numel() for p in engine.module.parameters())
+    before the first, 24 bytes per parameter (DeepSpeed's module and an fp32
+    master copy, Adam's two moments, the fp32 export, the momentum towers).
+    0 when the folder cannot be read (check_free_space then reports it)."""
+    try:
+        newest = latest_checkpoint(ckpt_root)
+        if newest is not None:
+            return folder_bytes(newest)
+    except OSError:
+        return 0
+    return 24 * sum(p.numel() for p in engine.module.parameters())
 
 
 def _mb(n: float) -> str:
@@ -194,21 +197,42 @@ def _mb(n: float) -> str:
 
 def check_free_space(ckpt_root: str, tag: str, need: int, device) -> None:
     """Refuse a save that would not fit, before anything is written, on every
-    rank alike (one all-reduce). Each rank checks the file system it writes
-    to: a shared one, or each node's own. Raises CheckpointSaveError."""
+    rank alike (one all-reduce, also when a rank cannot even look). Each rank
+    checks the file system it writes to. Raises CheckpointSaveError."""
     need = int(need * 1.05) + 2 ** 20  # headroom: sizes vary a little between saves
-    free = shutil.disk_usage(ckpt_root).free
-    short = torch.tensor([int(free < need)], dtype=torch.int32)
+    free, error = -1, None
+    try:
+        free = shutil.disk_usage(ckpt_root).free
+    except OSError as exc:  # e.g. a stale network mount: still take part in the all-reduce
+        error = exc
+    flags = torch.tensor([int(error is None and free < need), int(error is not None)], dtype=torch.int32)
     if du.world_size() > 1:
-        short = short.to(device)
-        dist.all_reduce(short, op=dist.ReduceOp.MAX)
-    if int(short.item()):
-        newest = latest_checkpoint(ckpt_root)
-        raise CheckpointSaveError(
-            f"not enough free space for checkpoint {tag} under {ckpt_root}: it needs about {_mb(need)}, "
-            f"{_mb(free)} are free here (rank {du.rank()}; a rank with less stops every rank). Nothing was "
-            f"written; the newest complete checkpoint is {newest or 'none yet'}. Free space (a save holds "
-            "train.keep_last + 1 checkpoints until the oldest is pruned), then resume with train.resume=auto")
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    short, failed = (int(v) for v in flags.tolist())
+    if not (short or failed):
+        return
+    newest = _newest_or_none(ckpt_root)
+    if error is not None:
+        why = f"its free space could not be read on rank {du.rank()}: {error}"
+    elif failed:
+        why = "another rank could not read its free space"
+    elif free < need:
+        why = f"it needs about {_mb(need)}, {_mb(free)} are free here (rank {du.rank()})"
+    else:
+        why = f"another rank has less than the {_mb(need)} it needs ({_mb(free)} are free here)"
+    raise CheckpointSaveError(
+        f"not enough free space for checkpoint {tag} under {ckpt_root}: {why}. Nothing was written; the "
+        f"newest complete checkpoint is {newest}. Free space (a save holds train.keep_last + 1 "
+        "checkpoints until the oldest is pruned; a quota can be lower than the free space shown), then "
+        "resume with train.resume=auto")
+
+
+def _newest_or_none(ckpt_root: str) -> str:
+    try:
+        return latest_checkpoint(ckpt_root) or "none yet"
+    except OSError as exc:
+        return f"unknown ({exc})"
 
 
 def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], config_yaml: str,
@@ -248,17 +272,17 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
             raise _as_write_error(exc, root) from exc
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        newest = latest_checkpoint(root)
         raise CheckpointSaveError(
             f"saving checkpoint {tag} failed on rank {du.rank()}: {exc}. The checkpoints saved before are "
-            f"untouched: the newest complete one is {newest or 'none yet'}; the unfinished {tmp_tag} was "
-            f"removed (any rest goes with the next save). Free space under {root}, then resume with "
-            "train.resume=auto") from exc
+            f"untouched: the newest complete one is {_newest_or_none(root)}; the unfinished {tmp_tag} was "
+            f"removed (any rest goes with the next save). Free space under {root} (or raise the quota), then "
+            "resume with train.resume=auto") from exc
 
 
 # torch.save reports a failed write (a full disk) as a RuntimeError from its
 # C++ stream writer, not as an OSError.
-_WRITE_FAILURES = ("file write failed", "failed writing", "iostream error", "unexpected pos")
+_WRITE_FAILURES = ("file write failed", "failed writing", "iostream error", "unexpected pos",
+                   "Parent directory")  # DeepSpeed logs a failed mkdir and goes on to torch.save
 
 
 def _as_write_error(exc: RuntimeError, root: str) -> BaseException:
@@ -276,8 +300,10 @@ def _write(root: str, tag: str, tmp: str, final: str, engine, step: int, meta: D
            keep_tags: tuple) -> str:
     tmp_tag = os.path.basename(tmp)
     model_fp32 = full_fp32_state_dict(engine)  # collective
-    engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
+    # Our own mkdir first: DeepSpeed only logs a failed one (a quota, a full
+    # directory) and fails later with a less telling error.
     os.makedirs(os.path.join(tmp, "user_state"), exist_ok=True)
+    engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
     state = dict(rank_state)
     state["rng"] = rng_state()
     _atomic_torch_save(state, os.path.join(tmp, "user_state", f"rank_{du.rank():05d}.pt"))
@@ -292,9 +318,13 @@ def _write(root: str, tag: str, tmp: str, final: str, engine, step: int, meta: D
         _atomic_write(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "epoch": meta.get("epoch")}))
         if os.path.exists(final):  # same step saved twice (e.g. preemption at an epoch end)
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_pointer(os.path.join(root, "latest"), tag)
-        prune(root, keep_last, keep_tags)
+        os.replace(tmp, final)  # from here on the checkpoint is complete and found by latest_checkpoint
+        try:
+            write_pointer(os.path.join(root, "latest"), tag)
+            prune(root, keep_last, keep_tags)
+        except OSError as exc:  # the next save tries again; nothing saved is at risk
+            log.error("checkpoint %s is complete, but updating checkpoints/latest or pruning failed: %s", final,
+                      exc)
     du.barrier()
     return final
 
@@ -330,8 +360,13 @@ def saved_layout(ckpt_dir: str, meta: Dict[str, Any]) -> Dict[str, int]:
     from omegaconf import OmegaConf  # plain YAML (config.to_yaml), loaded safely
 
     train = OmegaConf.load(os.path.join(ckpt_dir, "config.yaml")).train
+    zero = int(train["zero_stage"])
+    # A DeepSpeed JSON override may have raised the stage: ZeRO 1-2 leave
+    # per-rank optimiser partitions behind, whatever the YAML said.
+    if zero == 0 and any(n.endswith("optim_states.pt") for n in os.listdir(ckpt_dir)):
+        zero = 1
     out.update(global_batch=out["world_size"] * int(train["batch_size"]) * int(train["grad_accum"]),
-               zero_stage=int(train["zero_stage"]))
+               zero_stage=zero)
     return out
 
 

@@ -92,9 +92,10 @@ def _parse_fault(spec: str, rank: int) -> Dict[int, int]:
 
 def _parse_fault_kill(spec: str, rank: int) -> Optional[int]:
     """``USER_DIST_FAULT_KILL=STEP@RANK``: a test hook that makes rank RANK
-    SIGKILL itself once optimiser step STEP (and its checkpoint, if one falls
-    there) is done; a rank lost at a known point, for the launchers' fail-fast
-    and resume tests (docs/multinode.md). None: not this rank."""
+    SIGKILL itself once optimiser step STEP (and its train.ckpt_every_steps
+    checkpoint, if one falls there; not an epoch end's) is done; a rank lost
+    at a known point, for the launchers' fail-fast and resume tests
+    (docs/multinode.md). Without @RANK: every rank. None: not this rank."""
     if not spec:
         return None
     step, _, only = spec.partition("@")
@@ -344,8 +345,13 @@ class Trainer:
             ckpt.set_rng_state(rs["rng"])
         saved_fp = m.get("data_fingerprint")
         if saved_fp is not None and saved_fp != self.data_fingerprint:
+            # A reshard changes the ranks and their batch size by design (said above).
+            expected = {"world_size", "batch_size"} if reshard else set()
             changed = sorted(k for k in set(saved_fp) | set(self.data_fingerprint)
-                             if saved_fp.get(k) != self.data_fingerprint.get(k))
+                             if saved_fp.get(k) != self.data_fingerprint.get(k) and k not in expected)
+        else:
+            changed = []
+        if changed:
             log.warning("resuming %s with a different data stream (%s changed): the run continues, but not "
                         "exactly where it stopped", path, ", ".join(changed))
         self.pos = Position(m["step"], m["epoch"], m["step_in_epoch"], m.get("skipped_nonfinite", 0))
