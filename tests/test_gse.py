@@ -21,14 +21,20 @@ def naive_bn(rows: torch.Tensor, weight, bias, eps=1e-5):
     return (rows - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def test_masked_batchnorm_uses_only_real_rows_like_batchnorm1d_on_them():
-    x, mask = _regions()
+def _norm_and_reference():
+    """A MaskedBatchNorm(5) with a random affine part and BatchNorm1d(5) with the same state, float64."""
     norm = MaskedBatchNorm(5).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2)
         norm.bias.uniform_(-1, 1)
     ref = torch.nn.BatchNorm1d(5).double()
-    ref.load_state_dict({k: v for k, v in norm.state_dict().items()})
+    ref.load_state_dict(norm.state_dict())
+    return norm, ref
+
+
+def test_masked_batchnorm_uses_only_real_rows_like_batchnorm1d_on_them():
+    x, mask = _regions()
+    norm, ref = _norm_and_reference()
     out = norm(x, mask)
     torch.testing.assert_close(out[mask], ref(x[mask]))
     torch.testing.assert_close(norm.running_mean, ref.running_mean)
@@ -39,12 +45,7 @@ def test_masked_batchnorm_uses_only_real_rows_like_batchnorm1d_on_them():
 
 def test_masked_batchnorm_gradients_match_batchnorm1d_on_the_real_rows():
     x, mask = _regions()
-    norm = MaskedBatchNorm(5).double()
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2)
-        norm.bias.uniform_(-1, 1)
-    ref = torch.nn.BatchNorm1d(5).double()
-    ref.load_state_dict(norm.state_dict())
+    norm, ref = _norm_and_reference()
     a, b = x.clone().requires_grad_(), x[mask].clone().requires_grad_()
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (norm(a, mask) * w)[mask].sum().backward()
