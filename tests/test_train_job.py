@@ -176,6 +176,12 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert engine_state["global_steps"] == 14
     assert {int(v["step"]) for v in engine_state["optimizer"]["state"].values()} == {14}
 
+    # The same ranks with another queue size: the pool is laid out afresh (the newest 64 of 128).
+    code, out = job(2, 24, 15, **{"queue.size_per_rank": 32})
+    assert code == 0, out[-3000:]
+    assert "with queue.size_per_rank 32 (was 64), queue.mode sharded (was sharded)" in out
+    assert logged(run_dir, "queue/pool_size")[15] == 64 and final_state(run_dir)[0]["step"] == 15
+
     # Refused, with what to change: another global batch; ZeRO 1-2 (partitioned
     # optimiser state). One process without a launcher: its exit code is the job's.
     def single(batch, **extra):
@@ -191,7 +197,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     code, out = single(48, **{"train.zero_stage": 1})
     assert code == 2, out[-3000:]
     assert "only ZeRO 0 runs resume on another number of ranks" in out
-    assert final_state(run_dir)[0]["step"] == 14  # the refusals wrote nothing
+    assert final_state(run_dir)[0]["step"] == 15  # the refusals wrote nothing
 
 
 def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards, tmp_path, small_disk):

@@ -397,12 +397,18 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False) -> Dict[str
     if saved_world == du.world_size():
         rank_state = _load_rank_state(ckpt_dir, du.rank())
     else:
-        first = _load_rank_state(ckpt_dir, 0)["queue"]
-        # A replicated queue is whole on every rank: rank 0's copy is enough.
-        queues = [first] if first["mode"] == "replicated" else \
-            [first] + [_load_rank_state(ckpt_dir, r)["queue"] for r in range(1, saved_world)]
-        rank_state = {"queue": queues, "rng": None}
+        rank_state = {"queue": load_queue_states(ckpt_dir, saved_world), "rng": None}
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
+
+
+def load_queue_states(ckpt_dir: str, saved_world: int) -> List[Dict[str, Any]]:
+    """The saving ranks' queue states in rank order, for
+    ``NegativeQueues.load_state_dict`` to lay out afresh (another world size,
+    size or mode). A replicated queue is whole on every rank: rank 0's is enough."""
+    first = _load_rank_state(ckpt_dir, 0)["queue"]
+    if first["mode"] == "replicated":
+        return [first]
+    return [first] + [_load_rank_state(ckpt_dir, r)["queue"] for r in range(1, saved_world)]
 
 
 def _load_rank_state(ckpt_dir: str, rank: int) -> Dict[str, Any]:

@@ -329,13 +329,21 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.engine, reshard=reshard)
         self.momentum.load_state_dict(state["momentum"])
         rs = state["rank_state"]
-        self.queue.load_state_dict(rs["queue"])
+        queue_state = rs["queue"]
+        if not reshard and (queue_state["size_per_rank"], queue_state["mode"]) != (self.queue.size_per_rank,
+                                                                                  self.queue.mode):
+            # Same ranks, another queue.size_per_rank or queue.mode: lay the pool out afresh.
+            queue_state = ckpt.load_queue_states(path, saved["world_size"])
+            log.warning("resuming %s with queue.size_per_rank %d (was %d), queue.mode %s (was %s): the negative "
+                        "pool is laid out afresh, the newest entries kept", path, self.queue.size_per_rank,
+                        rs["queue"]["size_per_rank"], self.queue.mode, rs["queue"]["mode"])
+        self.queue.load_state_dict(queue_state)
         m = state["meta"]
         if reshard:
             # New ranks, new streams: per-rank dropout noise seeded afresh (and
             # apart from this run's start), the queue laid out on the new ranks.
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 1 + 7919 * int(m["step"]))
-            old_pool = saved["world_size"] * int(rs["queue"][0]["size_per_rank"])
+            old_pool = saved["world_size"] * int(queue_state[0]["size_per_rank"])
             log.warning("resuming %s, written by %d ranks, on %d: the global batch (%d) and the LR schedule "
                         "carry over; the negative pool is %d slots (was %d), %d entries kept, the newest; "
                         "the data of the interrupted epoch is split afresh between the ranks",
