@@ -196,7 +196,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert "(here: train.batch_size=48)" in out
     code, out = single(48, **{"train.zero_stage": 1})
     assert code == 2, out[-3000:]
-    assert "only ZeRO 0 runs resume on another number of ranks" in out
+    assert "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out
     assert final_state(run_dir)[0]["step"] == 15  # the refusals wrote nothing
 
 
@@ -223,6 +223,34 @@ def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards
     assert "at step 4 " in out
     assert ckpt.load_meta(ckpt.latest_checkpoint(root))["step"] == 8
     assert sorted(losses(run_dir)) == list(range(1, 9))
+
+
+def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_format(tiny_shards, tmp_path):
+    """ZeRO 2, bf16: 2 ranks x 24 to step 4, then 1 rank x 48 to step 6. The
+    partitioned optimiser state goes through DeepSpeed's universal format;
+    the BatchNorm statistics, which that format does not carry, come back too."""
+    common = {"train.zero_stage": 2, "train.precision": "bf16", "train.ckpt_every_steps": 2}
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{"train.max_steps": 4}))
+    assert code == 0, out[-3000:]
+    root = tmp_path / "z2" / "checkpoints"
+    counts4 = {k: int(v) for k, v in ckpt.load_model_weights(str(root / "step_00000004")).items()
+               if k.endswith("num_batches_tracked")}
+    assert counts4 and all(v > 0 for v in counts4.values())
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{
+        "train.max_steps": 6, "train.batch_size": 48, "train.resume": "auto"}), nproc=1)
+    assert code == 0, out[-3000:]
+    assert "to DeepSpeed's universal format" in out and "written by 2 ranks, on 1" in out
+    assert os.path.isdir(root / "step_00000004" / "universal")  # converted once, kept with its checkpoint
+    last = ckpt.latest_checkpoint(str(root))
+    assert ckpt.load_meta(last)["step"] == 6 and ckpt.load_meta(last)["world_size"] == 1
+    # Adam's step count went on from 4 (a fresh optimiser would say 2).
+    optim = torch.load(os.path.join(last, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    assert {int(v["step"]) for v in optim.values()} == {6}
+    # Every BatchNorm counted 6 steps' batches: its statistics were restored (else 2 steps' worth).
+    counts6 = {k: int(v) for k, v in ckpt.load_model_weights(last).items() if k.endswith("num_batches_tracked")}
+    assert counts6 == {k: v * 6 // 4 for k, v in counts4.items()}
+    assert sorted(losses(tmp_path / "z2")) == list(range(1, 7))
 
 
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):

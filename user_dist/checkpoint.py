@@ -10,6 +10,8 @@ Layout of one checkpoint (see docs/architecture.md):
         meta.json             step, epoch, step_in_epoch, samples, world_size,
                               global_batch, zero_stage, time
         user_state/rank_00000.pt   per rank: queue shard, RNG states, counters
+        universal/            only after a ZeRO 1-2 resume on another number of ranks:
+                              the engine state in DeepSpeed's universal format
         <deepspeed files>     engine state: module, optimiser, scheduler (client_state unused)
 
 A checkpoint is written under ``step_XXXXXXXX.tmp`` and renamed into place by
@@ -370,14 +372,17 @@ def saved_layout(ckpt_dir: str, meta: Dict[str, Any]) -> Dict[str, int]:
     return out
 
 
-def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False) -> Dict[str, Any]:
+def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
+                    universal: bool = False) -> Dict[str, Any]:
     """Restore the engine and return meta, momentum state and this rank's state.
 
     A checkpoint written by another number of ranks raises a clear error
     unless ``reshard`` (the caller has checked that it may: see
     ``Trainer._restore``). Then ``rank_state`` holds no RNG state and its
     ``queue`` is the list of the saving ranks' queue states (rank order), for
-    ``NegativeQueues.load_state_dict`` to lay out afresh.
+    ``NegativeQueues.load_state_dict`` to lay out afresh. ``universal`` (an
+    engine built with ``checkpoint.load_universal``): the ZeRO 1-2 engine
+    state is read through DeepSpeed's universal format (:func:`to_universal`).
     """
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no COMPLETE file); "
@@ -390,15 +395,60 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False) -> Dict[str
             "queue shards and data positions are per rank. Resume with the same number of processes "
             "(see docs/training.md)")
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
+    if universal:
+        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
+    if universal:
+        # The universal format carries parameters and optimiser state, not
+        # buffers (BatchNorm statistics): those come from our fp32 export.
+        weights = load_model_weights(ckpt_dir)
+        with torch.no_grad():
+            for name, buf in engine.module.named_buffers():
+                if name in weights:
+                    buf.copy_(weights[name])
     momentum = torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
     if saved_world == du.world_size():
         rank_state = _load_rank_state(ckpt_dir, du.rank())
     else:
         rank_state = {"queue": load_queue_states(ckpt_dir, saved_world), "rng": None}
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
+
+
+UNIVERSAL = "universal"
+
+
+def to_universal(ckpt_dir: str) -> str:
+    """``ckpt_dir/universal``: the ZeRO 1-2 engine state in DeepSpeed's universal
+    format (optimiser state per parameter, loadable on any number of ranks).
+
+    Converted once, by rank 0 (DeepSpeed's ds_to_universal, in a subprocess),
+    into a temporary folder renamed into place when done; the other ranks wait.
+    The checkpoint's own files are only read. Collective.
+    """
+    out = os.path.join(ckpt_dir, UNIVERSAL)
+    if du.is_main() and not os.path.isdir(out):
+        import subprocess
+        import sys
+
+        tmp = f"{out}.tmp.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # --inject_missing_state: the universal_checkpoint_info that Megatron
+        # clients save; a plain data-parallel model needs only its defaults.
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir,
+               "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        log.info("converting %s to DeepSpeed's universal format (ZeRO state on another number of ranks)",
+                 ckpt_dir)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"converting {ckpt_dir} to DeepSpeed's universal format failed "
+                               f"({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        os.replace(tmp, out)
+    du.barrier()
+    return out
 
 
 def load_queue_states(ckpt_dir: str, saved_world: int) -> List[Dict[str, Any]]:

@@ -113,7 +113,7 @@ class TrainStep:
         steps_per_epoch, total_steps: optimiser steps, for the lr schedule.
     """
 
-    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
+    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int, load_universal: bool = False):
         import deepspeed
 
         from .loss import compiled_uto_terms, uto_loss
@@ -136,6 +136,8 @@ class TrainStep:
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
+        if load_universal:  # a ZeRO 1-2 checkpoint of another world size (Trainer._restore)
+            ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         # Without ZeRO and fp16 the optimiser step is ours: non-finite steps are
         # skipped on the device (user_dist.nonfinite), which needs the fused
         # AdamW's found_inf (CUDA and CPU). Elsewhere DeepSpeed wraps the
@@ -153,6 +155,7 @@ class TrainStep:
         if self.skips is not None:
             optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
         self._zero = zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
+        self.load_universal = load_universal
         if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
             # gradient into a bucket and copy it back, for nothing.
@@ -263,7 +266,11 @@ class Trainer:
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-        self.step_fn = TrainStep(cfg, self.steps_per_epoch, self.total_steps)
+        # A ZeRO 1-2 checkpoint of another world size loads through DeepSpeed's
+        # universal format, which the engine must know of when it is built.
+        saved = self._saved_layout(resume_from) if resume_from else None
+        universal = bool(saved) and saved["world_size"] != self.world and saved["zero_stage"] > 0
+        self.step_fn = TrainStep(cfg, self.steps_per_epoch, self.total_steps, load_universal=universal)
         self.engine, self.momentum, self.queue = self.step_fn.engine, self.step_fn.momentum, self.step_fn.queue
         self.device = self.step_fn.device
 
@@ -271,7 +278,7 @@ class Trainer:
         self.best_rsum = float("-inf")
         self.best_tag = ""
         if resume_from:
-            self._restore(resume_from)
+            self._restore(resume_from, saved)
         else:
             # Per-rank seed for dropout from here on, so that ranks see
             # different noise (a resume restores the saved RNG states instead).
@@ -311,22 +318,25 @@ class Trainer:
                 f"train.grad_accum {t.grad_accum} = {mine}. To resume on another number of ranks keep the "
                 f"global batch: set train.batch_size and train.grad_accum so that ranks x batch_size x "
                 f"grad_accum = {saved['global_batch']}{hint}")
-        if saved["zero_stage"] != 0 or self.step_fn._zero != 0:
+        if (saved["zero_stage"] == 0) != (self.step_fn._zero == 0):
             raise ConfigError(
                 f"{path} was written by {saved['world_size']} ranks with ZeRO stage {saved['zero_stage']}; this "
-                f"job has {self.world} ranks and ZeRO stage {self.step_fn._zero}. ZeRO 1-2 partition the "
-                "optimiser state by rank, so only ZeRO 0 runs resume on another number of ranks: resume with "
-                f"{saved['world_size']} ranks (see docs/training.md)")
+                f"job has {self.world} ranks and ZeRO stage {self.step_fn._zero}. On another number of ranks "
+                "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2 (their optimiser states "
+                "are laid out differently): set train.zero_stage accordingly (see docs/training.md)")
 
-    def _restore(self, path: str) -> None:
+    @staticmethod
+    def _saved_layout(path: str) -> Dict[str, int]:
         if not ckpt.is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE file); "
                                     "pick another one or use train.resume=auto")
-        saved = ckpt.saved_layout(path, ckpt.load_meta(path))
+        return ckpt.saved_layout(path, ckpt.load_meta(path))
+
+    def _restore(self, path: str, saved: Dict[str, int]) -> None:
         reshard = saved["world_size"] != self.world
         if reshard:
             self._reshard_check(path, saved)
-        state = ckpt.load_checkpoint(path, self.engine, reshard=reshard)
+        state = ckpt.load_checkpoint(path, self.engine, reshard=reshard, universal=self.step_fn.load_universal)
         self.momentum.load_state_dict(state["momentum"])
         rs = state["rank_state"]
         queue_state = rs["queue"]
