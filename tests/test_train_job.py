@@ -251,6 +251,11 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
     counts6 = {k: int(v) for k, v in ckpt.load_model_weights(last).items() if k.endswith("num_batches_tracked")}
     assert counts6 == {k: v * 6 // 4 for k, v in counts4.items()}
     assert sorted(losses(tmp_path / "z2")) == list(range(1, 7))
+    # Back to 2 ranks but with ZeRO 0: refused with what to set, nothing written.
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **{
+        **common, "train.zero_stage": 0, "train.max_steps": 8, "train.resume": "auto"}))
+    assert code != 0 and "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out, out[-3000:]
+    assert ckpt.latest_checkpoint(str(root)) == last
 
 
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):

@@ -136,7 +136,10 @@ class TrainStep:
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
-        if load_universal:  # a ZeRO 1-2 checkpoint of another world size (Trainer._restore)
+        # A ZeRO 1-2 checkpoint of another world size (Trainer._restore), into a
+        # ZeRO 1-2 engine; a ZeRO-0 one is refused there with a message.
+        self.load_universal = load_universal and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
+        if self.load_universal:
             ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         # Without ZeRO and fp16 the optimiser step is ours: non-finite steps are
         # skipped on the device (user_dist.nonfinite), which needs the fused
@@ -155,7 +158,6 @@ class TrainStep:
         if self.skips is not None:
             optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
         self._zero = zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
-        self.load_universal = load_universal
         if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
             # gradient into a bucket and copy it back, for nothing.
