@@ -3,6 +3,7 @@
 A tiny synthetic set (96 train images, 10 steps per epoch at 2 x 24) and a
 tiny model keep each run to seconds after DeepSpeed's start-up.
 """
+import glob
 import json
 import os
 import signal
@@ -36,8 +37,8 @@ def tiny_overrides(tiny_shards, run_root, name, **extra):
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-def start(launcher, overrides, env=None, nproc=2, **popen):
-    port = str(free_port())
+def start(launcher, overrides, env=None, nproc=2, port=None, **popen):
+    port = str(port or free_port())
     if launcher == "deepspeed":
         cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", port, TRAIN, *overrides]
     else:
@@ -48,8 +49,8 @@ def start(launcher, overrides, env=None, nproc=2, **popen):
                             text=True, start_new_session=True, **popen)
 
 
-def run(launcher, overrides, timeout=400, env=None, nproc=2):
-    proc = start(launcher, overrides, env=env, nproc=nproc)
+def run(launcher, overrides, timeout=400, env=None, nproc=2, port=None):
+    proc = start(launcher, overrides, env=env, nproc=nproc, port=port)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -88,8 +89,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     validation, vs the same run killed (SIGKILL) after its step-6 checkpoint
     and resumed: identical per-step losses, weights, momentum towers, queues."""
     common = {"train.deterministic": "true", "train.ckpt_every_steps": 6, "train.max_steps": 12}
-    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "full", **common))
+    port = free_port()
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "full", **common), port=port)
     assert code == 0, out[-3000:]
+    # DeepSpeed's CPU all-reduce segments in /dev/shm (~70 MB per rank, used
+    # under its own launcher) were left behind by every job: no more.
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
 
     # Every rank SIGKILLs itself right after the step-6 checkpoint (test hook):
     # an outside kill on seeing that checkpoint raced the next ~0.2 s steps.

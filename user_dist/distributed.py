@@ -128,9 +128,31 @@ def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEn
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        _unlink_shm_buffer(de.rank)
     else:
         dist.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size, timeout=timeout)
     return de
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce (CPU) creates one /dev/shm segment of
+    ~70 MB per rank and never unlinks it: every CPU job left its segments in
+    RAM until reboot (21 GB after a day of test runs here). Once every rank has
+    mapped every segment (DeepSpeed's init returns only then; the barrier makes
+    sure all have), the names are no longer needed: the memory stays mapped
+    and is freed when the ranks exit, however they exit.
+    """
+    if torch.cuda.is_available():
+        return
+    barrier()  # on every rank alike, whether or not it has a segment
+    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+                                    f"_{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(path)
+    except OSError:  # none (CUDA, ranks on several hosts) or gone meanwhile
+        pass
 
 
 def _free_port() -> int:
