@@ -84,6 +84,13 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+def require_complete(ckpt_dir: str) -> None:
+    """Raise FileNotFoundError, saying what to do, unless ``ckpt_dir`` is complete."""
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no COMPLETE file); "
+                                "pick another one or use train.resume=auto")
+
+
 def is_complete(ckpt_dir: str) -> bool:
     """A checkpoint folder is usable only when renamed into place with COMPLETE."""
     return (os.path.isdir(ckpt_dir) and not os.path.basename(ckpt_dir.rstrip("/")).endswith(".tmp")
@@ -252,8 +259,8 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
         CheckpointSaveError: too little free space (checked first, on every
             rank alike), or a write failed (this rank's; the other ranks are
             ended by the launcher when this one exits). Either way the
-            checkpoints saved before are untouched and ``latest`` still
-            points at a complete one.
+            checkpoints saved before are untouched, and latest_checkpoint()
+            still finds the newest complete one.
     """
     root = os.path.join(run_dir, "checkpoints")
     tag = tag_for(step)
@@ -384,9 +391,7 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
     engine built with ``checkpoint.load_universal``): the ZeRO 1-2 engine
     state is read through DeepSpeed's universal format (:func:`to_universal`).
     """
-    if not is_complete(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no COMPLETE file); "
-                                "pick another one or use train.resume=auto")
+    require_complete(ckpt_dir)
     meta = load_meta(ckpt_dir)
     saved_world = int(meta["world_size"])
     if saved_world != du.world_size() and not reshard:

@@ -304,9 +304,9 @@ class Trainer:
     def _reshard_check(self, path: str, saved: Dict[str, int]) -> None:
         """Whether a checkpoint of ``saved['world_size']`` ranks may continue on
         this job's: the same global batch (so the step count, the epoch's
-        length and the LR schedule mean what they meant) and ZeRO 0 on both
-        sides (ZeRO 1-2 partition the optimiser state by rank). Raises
-        ConfigError saying what to change."""
+        length and the LR schedule mean what they meant), and ZeRO 0 on both
+        sides or ZeRO 1-2 on both (loaded through DeepSpeed's universal
+        format). Raises ConfigError saying what to change."""
         t = self.cfg.train
         mine = self.world * t.batch_size * t.grad_accum
         if saved["global_batch"] != mine:
@@ -329,9 +329,7 @@ class Trainer:
 
     @staticmethod
     def _saved_layout(path: str) -> Dict[str, int]:
-        if not ckpt.is_complete(path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE file); "
-                                    "pick another one or use train.resume=auto")
+        ckpt.require_complete(path)
         return ckpt.saved_layout(path, ckpt.load_meta(path))
 
     def _restore(self, path: str, saved: Dict[str, int]) -> None:
