@@ -9,6 +9,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
 
+def pytest_report_header(config) -> list:
+    """Free disk where the tests write: the job tests save real checkpoints,
+    and a nearly full disk shows up as refused saves, not as a crash."""
+    import shutil
+    import tempfile
+
+    lines = []
+    for where in (tempfile.gettempdir(), ROOT):
+        free_gb = shutil.disk_usage(where).free / 2**30
+        lines.append(f"free disk under {where}: {free_gb:.1f} GiB")
+        if free_gb < 2:
+            lines.append(f"WARNING: under 2 GiB free under {where}; the job tests need about 1 GiB "
+                         "and will fail with 'not enough free space for checkpoint'")
+    return lines
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
