@@ -1,8 +1,8 @@
 """user-dist: distributed training and evaluation of USER image-text retrieval."""
 from setuptools import find_packages, setup
 
-# Exact pins that were verified together on a CPU-only machine and on a CUDA
-# cluster (see docs/installation.md). torch 2.13.0 has no working torchvision
+# Exact pins that were verified together on a CPU-only machine (the GPU
+# benchmarks ran torch 2.11.0+cu130; see docs/installation.md). torch 2.13.0 has no working torchvision
 # build, and transformers then fails to import model classes.
 INSTALL_REQUIRES = [
     "torch==2.14.1",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, check_paths=True, sources={"data.train_shards": args.config or "default value",
+        validate(cfg, check_paths=not args.print_config, sources={"data.train_shards": args.config or "default value",
                                                  "data.val_shards": args.config or "default value"})
         if not args.print_config:
             from user_dist.data import check_model_fits
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     import logging
 
     log = logging.getLogger("user_dist")
-    run_dir = rd.prepare(cfg, du.is_main())
+    run_dir, created = rd.prepare(cfg, du.is_main())
     if du.is_main():
         log.info("run folder: %s (TensorBoard: tensorboard --logdir %s)", run_dir, os.path.join(run_dir, "tb"))
         log.info("world size %d (%s launcher), device %s\n%s", env.world_size, env.launcher,
@@ -83,7 +84,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, run_dir, resume_from)
     except ConfigError as exc:  # every rank finds it (data layout, a checkpoint that cannot continue here)
         print(f"config error: {exc}", file=sys.stderr)
+        if created:  # nothing but the folder was written: a refused job leaves no run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
         return 2
+    if du.is_main():
+        rd.save_run_config(cfg, run_dir)
     from user_dist.checkpoint import CheckpointSaveError
 
     try:

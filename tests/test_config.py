@@ -58,6 +58,14 @@ def test_wrong_type_names_the_key():
     ("data.pad_to_multiple=0", "data.pad_to_multiple"),
     ("eval.protocols=[coco2k]", "eval.protocols"),
     ("train.resume=/does/not/exist", "train.resume"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer"),
+    ("model.text.num_layers=0", "model.text.num_layers"),
+    ("model.text.num_heads=5", "model.text.num_heads"),
+    ("train.max_nonfinite_in_a_row=0", "train.max_nonfinite_in_a_row"),
+    ("optim.min_lr_ratio=5", "optim.min_lr_ratio"),
+    ("optim.eps=-1", "optim.eps"),
+    ("eval.report_examples=-1", "eval.report_examples"),
+    ("model.text.dropout=1.0", "model.text.dropout"),
 ])
 def test_impossible_values_fail_naming_key_and_source(override, key):
     with pytest.raises(ConfigError) as e:
@@ -134,6 +142,13 @@ def test_train_list_keys_shows_every_key(tmp_path):
     assert r.returncode == 0
     for key in valid_keys():
         assert key in r.stdout
+
+
+def test_print_config_does_not_need_the_data(tmp_path):
+    r = run_train(["--config", os.path.join(ROOT, "configs", "coco_region.yaml"), "--print-config",
+                   f"data.train_shards={tmp_path}/nowhere"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"train_shards: {tmp_path}/nowhere" in r.stdout
 
 
 def test_config_error_exits_2_and_creates_no_run_folder(tmp_path):

@@ -3,6 +3,7 @@ stopped by a log line, and a line cut short does not swallow the next run's."""
 import json
 import logging
 import os
+import threading
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_a_full_disk_stops_the_json_log_once_and_a_resumed_log_starts_on_a_new_l
     disk = small_disk(1)
     run_dir = os.path.join(disk.path, "run")
     os.makedirs(run_dir)
+    before = set(threading.enumerate())
     mon = Monitor(run_dir, True, total_steps=100)
     mon.scalars({"train/loss": 1.0}, 1)
     ballast = disk.fill(leave_bytes=100)  # room for part of one line
@@ -35,6 +37,10 @@ def test_a_full_disk_stops_the_json_log_once_and_a_resumed_log_starts_on_a_new_l
             mon.scalars({"train/loss": 1.0, **{f"x/{i}": float(i) for i in range(20)}}, step)
         mon.flush()
         mon.close()
+    # Let TensorBoard's dead writer thread finish unwinding here: under load its
+    # exception report could otherwise land in whichever test runs next.
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=10)
     for what in ("train_log.jsonl stops here", "TensorBoard logging stops here"):
         errors = [r.getMessage() for r in caplog.records if what in r.getMessage()]
         assert len(errors) == 1 and "No space left on device" in errors[0], (what, errors)

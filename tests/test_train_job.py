@@ -195,6 +195,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
             cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
         return r.returncode, r.stdout + r.stderr
 
+    config_before = (run_dir / "config.yaml").read_bytes()
     code, out = single(24)
     assert code == 2, out[-3000:]
     assert "global batch of 48; this job has 1 ranks x train.batch_size 24 x train.grad_accum 1 = 24" in out
@@ -203,6 +204,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert code == 2, out[-3000:]
     assert "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out
     assert final_state(run_dir)[0]["step"] == 15  # the refusals wrote nothing
+    assert (run_dir / "config.yaml").read_bytes() == config_before
 
 
 def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards, tmp_path, small_disk):
@@ -347,6 +349,18 @@ def test_fresh_start_refuses_an_existing_run(tiny_shards, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "refusing to overwrite" in r.stderr and "train.resume=auto" in r.stderr
+
+
+def test_a_job_the_trainer_refuses_leaves_no_run_folder(tiny_shards, tmp_path):
+    """A config error found only once the data is opened (an epoch shorter
+    than one global batch) exits 2 like any other and leaves nothing behind."""
+    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(tiny_shards, tmp_path, "refused", **{
+        "train.batch_size": 240, "train.grad_accum": 3, "queue.size_per_rank": 256})], cwd=ROOT, env=child_env(),
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "one epoch holds fewer pairs than one global batch" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):

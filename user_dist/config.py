@@ -107,8 +107,7 @@ class GSEConfig:
     # regions (no mask possible); otherwise a mask-aware norm is used.
     paper_batchnorm: bool = False
     paper_regions: int = 36  # region slots of the paper BatchNorm (36)
-    # CGE: dimension of the frozen CLIP features, and where they come from.
-    clip_dim: int = 512
+    clip_dim: int = 512  # CGE: dimension of the frozen CLIP features (ViT-B-32: 512)
     clip_text_guide: bool = False  # also guide the text tower with CLIP text features
     # Where CGE's CLIP features come from: 'shards' (the batch's clip_image /
     # clip_text, from clip_*.npy) or 'online' (a frozen open_clip image tower
@@ -125,8 +124,7 @@ class ModelConfig:
     region_dim: int = 2048  # F of the region features (must match the shards)
     # MLP hidden size of the image projection (method.md: 2048 -> 512 -> 1024).
     mlp_hidden: int = 512
-    # GPO: positional-encoding size and BiGRU hidden size.
-    gpo_pe_dim: int = 32
+    gpo_pe_dim: int = 32  # GPO: size of the positional encodings fed to its BiGRU
     gpo_hidden: int = 32  # BiGRU hidden size of GPO
     # Batch statistics of every BatchNorm over the global batch (all ranks,
     # like SyncBatchNorm): N ranks x B equals one process with N*B. False
@@ -360,7 +358,14 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         "data.max_text_len": cfg.data.max_text_len, "eval.batch_size": cfg.eval.batch_size,
         "data.pad_to_multiple": cfg.data.pad_to_multiple,
         "train.log_every": t.log_every, "train.keep_last": t.keep_last,
-        "train.dist_timeout_s": t.dist_timeout_s,
+        "train.dist_timeout_s": t.dist_timeout_s, "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer, "data.image_size": cfg.data.image_size,
+        "model.mlp_hidden": m.mlp_hidden, "model.gpo_pe_dim": m.gpo_pe_dim, "model.gpo_hidden": m.gpo_hidden,
+        "model.text.hidden_size": m.text.hidden_size, "model.text.num_layers": m.text.num_layers,
+        "model.text.num_heads": m.text.num_heads, "model.text.intermediate_size": m.text.intermediate_size,
+        "model.text.vocab_size": m.text.vocab_size, "model.text.max_position": m.text.max_position,
+        "model.gse.paper_regions": m.gse.paper_regions, "model.gse.clip_dim": m.gse.clip_dim,
+        "optim.eps": o.eps, "optim.decay_factor": o.decay_factor,
     }
     for key, value in positives.items():
         if value <= 0:
@@ -369,7 +374,11 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
                        "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": o.warmup_steps,
                        "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
                        "loss.queue_weight": cfg.loss.queue_weight,
-                       "train.validate_every_epochs": t.validate_every_epochs}.items():
+                       "train.validate_every_epochs": t.validate_every_epochs,
+                       "queue.size_per_rank": q.size_per_rank, "eval.report_examples": cfg.eval.report_examples,
+                       "model.text.lr_mult": m.text.lr_mult, "model.image.lr_mult": m.image.lr_mult,
+                       "model.gse.enhance_lambda": m.gse.enhance_lambda, "loss.batch_weight": cfg.loss.batch_weight,
+                       }.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
     if q.size_per_rank < t.batch_size and cfg.loss.queue_weight > 0:
@@ -391,6 +400,13 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
     for p in ("caption_aug_prob", "region_drop_prob"):
         if not 0.0 <= getattr(cfg.data, p) < 1.0:
             fail(f"data.{p}", f"must be in [0, 1), got {getattr(cfg.data, p)}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        fail("optim.min_lr_ratio", f"must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
+    if not 0.0 <= m.text.dropout < 1.0:
+        fail("model.text.dropout", f"must be in [0, 1), got {m.text.dropout}")
+    if m.text.hidden_size % m.text.num_heads:
+        fail("model.text.num_heads", f"({m.text.num_heads}) must divide model.text.hidden_size "
+             f"({m.text.hidden_size})")
     if not 0.0 <= m.gse.sge_dropout < 1.0:
         fail("model.gse.sge_dropout", f"must be in [0, 1), got {m.gse.sge_dropout}")
     if sorted(o.decay_epochs) != list(o.decay_epochs) or any(e < 0 for e in o.decay_epochs):

@@ -31,10 +31,20 @@ def resolve_resume(cfg: Config) -> str:
     return ""
 
 
-def prepare(cfg: Config, is_main: bool) -> str:
-    """Create the run folder and save the resolved config (rank 0)."""
+def prepare(cfg: Config, is_main: bool) -> tuple:
+    """Create the run folder (rank 0). Returns ``(run_dir, created)``:
+    ``created`` says this call made it, so that a job the Trainer refuses
+    (a config error found with the data or a checkpoint) leaves no folder
+    behind. The config is saved by :func:`save_run_config` once the job
+    starts, so a refused resume never overwrites the run's ``config.yaml``."""
     run_dir = run_path(cfg)
+    created = False
     if is_main:
+        created = not os.path.isdir(run_dir)
         os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    return run_dir
+    return run_dir, created
+
+
+def save_run_config(cfg: Config, run_dir: str) -> None:
+    """Save the resolved config as ``run_dir/config.yaml`` (rank 0)."""
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))

@@ -262,7 +262,7 @@ class Trainer:
         # Micro-batches per epoch are equal on every rank; an optimiser step is grad_accum of them.
         self.steps_per_epoch = first.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
+            raise ConfigError(f"{cfg.data.train_shards}: one epoch holds fewer pairs than one global batch "
                              f"({self.world} ranks x {t.batch_size} x {t.grad_accum}); lower train.batch_size")
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
