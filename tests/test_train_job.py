@@ -351,14 +351,19 @@ def test_fresh_start_refuses_an_existing_run(tiny_shards, tmp_path):
     assert "refusing to overwrite" in r.stderr and "train.resume=auto" in r.stderr
 
 
-def test_a_job_the_trainer_refuses_leaves_no_run_folder(tiny_shards, tmp_path):
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.batch_size": 240, "train.grad_accum": 3, "queue.size_per_rank": 256},
+     "one epoch holds fewer pairs than one global batch"),
+    ({"train.precision": "fp16"}, "train.precision=fp16 needs a GPU"),
+])
+def test_a_job_the_trainer_refuses_leaves_no_run_folder(tiny_shards, tmp_path, overrides, message):
     """A config error found only once the data is opened (an epoch shorter
-    than one global batch) exits 2 like any other and leaves nothing behind."""
-    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(tiny_shards, tmp_path, "refused", **{
-        "train.batch_size": 240, "train.grad_accum": 3, "queue.size_per_rank": 256})], cwd=ROOT, env=child_env(),
-        capture_output=True, text=True, timeout=120)
+    than one global batch) or the engine is about to be built (fp16 on the
+    CPU) exits 2 like any other and leaves nothing behind."""
+    r = subprocess.run([PYTHON, TRAIN, *tiny_overrides(tiny_shards, tmp_path, "refused", **overrides)],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "one epoch holds fewer pairs than one global batch" in r.stderr
+    assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "refused").exists()
 

@@ -136,6 +136,13 @@ class TrainStep:
         ds_cfg, diff = with_user_override(derive(cfg, self.world), t.deepspeed_config)
         for line in diff:
             log.warning("deepspeed_config override: %s", line)
+        if ds_cfg.get("fp16", {}).get("enabled"):
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_fp16_supported():  # DeepSpeed's CPU accelerator: a ValueError deep inside
+                raise ConfigError(
+                    f"train.precision=fp16 needs a GPU: DeepSpeed's {get_accelerator().device_name()} accelerator "
+                    "has no fp16 training. Use train.precision=bf16 (or fp32) here")
         # A ZeRO 1-2 checkpoint of another world size (Trainer._restore), into a
         # ZeRO 1-2 engine; a ZeRO-0 one is refused there with a message.
         self.load_universal = load_universal and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
