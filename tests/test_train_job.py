@@ -233,8 +233,8 @@ def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards
 
 
 def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_format(tiny_shards, tmp_path):
-    """ZeRO 2, bf16: 2 ranks x 24 to step 4, then 1 rank x 48 to step 6. The
-    partitioned optimiser state goes through DeepSpeed's universal format;
+    """ZeRO 2, bf16: 2 ranks x 24 to step 4, then 1 rank x 48 to step 6, then
+    2 ranks to step 8. The partitioned optimiser state goes through DeepSpeed's universal format;
     the BatchNorm statistics, which that format does not carry, come back too."""
     common = {"train.zero_stage": 2, "train.precision": "bf16", "train.ckpt_every_steps": 2}
     code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{"train.max_steps": 4}))
@@ -263,6 +263,23 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
         **common, "train.zero_stage": 0, "train.max_steps": 8, "train.resume": "auto"}))
     assert code != 0 and "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out, out[-3000:]
     assert ckpt.latest_checkpoint(str(root)) == last
+    # Back to 2 ranks with ZeRO 2: the one-rank state is split into two partitions.
+    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{
+        "train.max_steps": 8, "train.resume": "auto"}))
+    assert code == 0, out[-3000:]
+    assert "written by 1 ranks, on 2" in out
+    last = ckpt.latest_checkpoint(str(root))
+    assert ckpt.load_meta(last)["step"] == 8 and ckpt.load_meta(last)["world_size"] == 2
+    sizes = []
+    for r in range(2):
+        optim = torch.load(os.path.join(last, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), map_location="cpu",
+                           weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        assert {int(v["step"]) for v in optim.values()} == {8}
+        sizes.append(sum(v["exp_avg"].numel() for v in optim.values()))
+    n_params = sum(v.numel() for k, v in ckpt.load_model_weights(last).items() if v.is_floating_point()
+                   and not k.endswith(("running_mean", "running_var")))
+    assert sizes[0] == sizes[1] and n_params <= sum(sizes) < n_params + 64  # halves, up to alignment padding
+    assert sorted(losses(tmp_path / "z2")) == list(range(1, 9))
 
 
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):
