@@ -78,6 +78,7 @@ def main(argv=None) -> int:
         log.info("world size %d (%s launcher), device %s\n%s", env.world_size, env.launcher,
                  du.device_for(env.local_rank), to_yaml(cfg))
 
+    from user_dist.checkpoint import CheckpointSaveError, ResumeError
     from user_dist.trainer import Trainer
 
     try:
@@ -87,10 +88,11 @@ def main(argv=None) -> int:
         if created:  # nothing but the folder was written: a refused job leaves no run behind
             shutil.rmtree(run_dir, ignore_errors=True)
         return 2
+    except ResumeError as exc:  # every rank (a conversion for another number of ranks: full disk, failure)
+        log.error("%s", exc)
+        return 1
     if du.is_main():
         rd.save_run_config(cfg, run_dir)
-    from user_dist.checkpoint import CheckpointSaveError
-
     try:
         pos = trainer.fit()
     except FloatingPointError as exc:  # every rank agrees on it (the finiteness flag is all-reduced)

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from pathlib import Path
 import torch
 
 from conftest import PYTHON, ROOT, child_env, free_port, kill_job
@@ -232,18 +233,36 @@ def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards
     assert sorted(losses(run_dir)) == list(range(1, 9))
 
 
-def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_format(tiny_shards, tmp_path):
+def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_format(tiny_shards, tmp_path,
+                                                                                      small_disk):
     """ZeRO 2, bf16: 2 ranks x 24 to step 4, then 1 rank x 48 to step 6, then
     2 ranks to step 8. The partitioned optimiser state goes through DeepSpeed's universal format;
-    the BatchNorm statistics, which that format does not carry, come back too."""
+    the BatchNorm statistics, which that format does not carry, come back too.
+    On a real 200 MB file system: first with too little free space for the
+    conversion, which is refused before anything is written."""
+    disk = small_disk(200)
+    runs = disk.path
     common = {"train.zero_stage": 2, "train.precision": "bf16", "train.ckpt_every_steps": 2}
-    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{"train.max_steps": 4}))
+    code, out = run("torchrun", tiny_overrides(tiny_shards, runs, "z2", **common, **{"train.max_steps": 4}))
     assert code == 0, out[-3000:]
-    root = tmp_path / "z2" / "checkpoints"
+    root = Path(runs) / "z2" / "checkpoints"
     counts4 = {k: int(v) for k, v in ckpt.load_model_weights(str(root / "step_00000004")).items()
                if k.endswith("num_batches_tracked")}
     assert counts4 and all(v > 0 for v in counts4.values())
-    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{
+
+    def listing(folder):
+        return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+    saved = listing(root)
+    ballast = disk.fill(leave_bytes=4 * 2**20)
+    code, out = run("torchrun", tiny_overrides(tiny_shards, runs, "z2", **common, **{
+        "train.max_steps": 6, "train.batch_size": 48, "train.resume": "auto"}), nproc=1)
+    assert code != 0 and "not enough free space to convert" in out and "resume on the number of ranks that " \
+        "wrote it (2)" in out, out[-3000:]
+    assert "user_dist/checkpoint.py" not in out, out[-3000:]  # a message, not a traceback of ours
+    assert listing(root) == saved  # no universal/ folder, no leftover temporary one
+    os.remove(ballast)
+    code, out = run("torchrun", tiny_overrides(tiny_shards, runs, "z2", **common, **{
         "train.max_steps": 6, "train.batch_size": 48, "train.resume": "auto"}), nproc=1)
     assert code == 0, out[-3000:]
     assert "to DeepSpeed's universal format" in out and "written by 2 ranks, on 1" in out
@@ -257,14 +276,14 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
     # Every BatchNorm counted 6 steps' batches: its statistics were restored (else 2 steps' worth).
     counts6 = {k: int(v) for k, v in ckpt.load_model_weights(last).items() if k.endswith("num_batches_tracked")}
     assert counts6 == {k: v * 6 // 4 for k, v in counts4.items()}
-    assert sorted(losses(tmp_path / "z2")) == list(range(1, 7))
+    assert sorted(losses(os.path.join(runs, "z2"))) == list(range(1, 7))
     # Back to 2 ranks but with ZeRO 0: refused with what to set, nothing written.
-    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **{
+    code, out = run("torchrun", tiny_overrides(tiny_shards, runs, "z2", **{
         **common, "train.zero_stage": 0, "train.max_steps": 8, "train.resume": "auto"}))
     assert code != 0 and "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out, out[-3000:]
     assert ckpt.latest_checkpoint(str(root)) == last
     # Back to 2 ranks with ZeRO 2: the one-rank state is split into two partitions.
-    code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "z2", **common, **{
+    code, out = run("torchrun", tiny_overrides(tiny_shards, runs, "z2", **common, **{
         "train.max_steps": 8, "train.resume": "auto"}))
     assert code == 0, out[-3000:]
     assert "written by 1 ranks, on 2" in out
@@ -279,7 +298,7 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
     n_params = sum(v.numel() for k, v in ckpt.load_model_weights(last).items() if v.is_floating_point()
                    and not k.endswith(("running_mean", "running_var")))
     assert sizes[0] == sizes[1] and n_params <= sum(sizes) < n_params + 64  # halves, up to alignment padding
-    assert sorted(losses(tmp_path / "z2")) == list(range(1, 9))
+    assert sorted(losses(os.path.join(runs, "z2"))) == list(range(1, 9))
 
 
 def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):

@@ -174,6 +174,12 @@ class CheckpointSaveError(RuntimeError):
     says what was kept and what to do; nothing saved before was touched."""
 
 
+class ResumeError(RuntimeError):
+    """A complete checkpoint that cannot be resumed here as asked (its
+    conversion for another number of ranks failed or would not fit). The
+    message says what to do; nothing in the checkpoint was changed."""
+
+
 def folder_bytes(path: str) -> int:
     """Bytes of the files under ``path``."""
     total = 0
@@ -401,7 +407,7 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
             "(see docs/training.md)")
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if universal:
-        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir))
+        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, engine.device))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
@@ -424,36 +430,70 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
 UNIVERSAL = "universal"
 
 
-def to_universal(ckpt_dir: str) -> str:
+def to_universal(ckpt_dir: str, device=None) -> str:
     """``ckpt_dir/universal``: the ZeRO 1-2 engine state in DeepSpeed's universal
     format (optimiser state per parameter, loadable on any number of ranks).
 
     Converted once, by rank 0 (DeepSpeed's ds_to_universal, in a subprocess),
     into a temporary folder renamed into place when done; the other ranks wait.
-    The checkpoint's own files are only read. Collective.
+    The checkpoint's own files are only read. Collective: every rank raises
+    ResumeError when rank 0 could not convert (too little free space, checked
+    first, or a failed conversion), and the temporary folder is removed.
     """
     out = os.path.join(ckpt_dir, UNIVERSAL)
+    error = ""
     if du.is_main() and not os.path.isdir(out):
-        import subprocess
-        import sys
-
-        tmp = f"{out}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # --inject_missing_state: the universal_checkpoint_info that Megatron
-        # clients save; a plain data-parallel model needs only its defaults.
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir,
-               "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        log.info("converting %s to DeepSpeed's universal format (ZeRO state on another number of ranks)",
-                 ckpt_dir)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"converting {ckpt_dir} to DeepSpeed's universal format failed "
-                               f"({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-        os.replace(tmp, out)
-    du.barrier()
+        error = _convert_to_universal(ckpt_dir, out)
+    failed = torch.tensor([int(bool(error))], dtype=torch.int32)
+    if du.world_size() > 1:
+        failed = failed.to(device if device is not None else "cpu")
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if int(failed.item()):
+        raise ResumeError(error or f"rank 0 could not convert {ckpt_dir} to DeepSpeed's universal format; "
+                          "its log says why")
     return out
+
+
+def _convert_to_universal(ckpt_dir: str, out: str) -> str:
+    """Rank 0's conversion; returns '' or what went wrong and what to do."""
+    import subprocess
+    import sys
+
+    advice = (f"Nothing in {ckpt_dir} was changed. Free space and resume again, or resume on the number of "
+              f"ranks that wrote it ({load_meta(ckpt_dir).get('world_size', '?')}), which needs no conversion")
+    # ds_to_universal first extracts every partition into a temporary folder
+    # beside its output: measured, the peak is about 2.1x the optimiser
+    # partitions' bytes and the result 1.4x (small models; about 1x for big ones).
+    partitions = sum(os.path.getsize(os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir)
+                     if n.endswith("optim_states.pt"))
+    need = int(2.5 * partitions) + 2 ** 20
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError as exc:
+        return f"cannot read the free space under {ckpt_dir}: {exc}. {advice}"
+    if free < need:
+        return (f"not enough free space to convert {ckpt_dir} to DeepSpeed's universal format (how a ZeRO 1-2 "
+                f"checkpoint continues on another number of ranks): it needs about {_mb(need)}, {_mb(free)} "
+                f"are free. {advice}")
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # --inject_missing_state: the universal_checkpoint_info that Megatron
+    # clients save; a plain data-parallel model needs only its defaults.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir,
+           "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    log.info("converting %s to DeepSpeed's universal format (ZeRO state on another number of ranks)", ckpt_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return (f"converting {ckpt_dir} to DeepSpeed's universal format failed ({' '.join(cmd)}):\n"
+                f"{(proc.stdout + proc.stderr)[-3000:]}\n{advice}")
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"could not move the converted state into {out}: {exc}. {advice}"
+    return ""
 
 
 def load_queue_states(ckpt_dir: str, saved_world: int) -> List[Dict[str, Any]]:
