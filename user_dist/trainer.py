@@ -164,7 +164,7 @@ class TrainStep:
         self.skips = DeviceSkips(self.device, self.world) if device_skips else None
         if self.skips is not None:
             optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
-        self._zero = zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
+        self.zero_stage = zero = self.engine.zero_optimization_stage()  # the stage in force, after any user override
         if self.world == 1 and zero == 0:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten every
             # gradient into a bucket and copy it back, for nothing.
@@ -236,7 +236,7 @@ class TrainStep:
             # The gradients are whole and averaged over ranks here (ZeRO 0
             # all-reduces in backward): every rank computes the same norm.
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self._clip, foreach=True)
-        elif grad_norm and boundary and self._zero == 0:
+        elif grad_norm and boundary and self.zero_stage == 0:
             # Without ZeRO, DeepSpeed keeps no norm.
             grads = [p.grad for p in self._params if p.grad is not None]
             stats["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -327,10 +327,10 @@ class Trainer:
                 f"train.grad_accum {t.grad_accum} = {mine}. To resume on another number of ranks keep the "
                 f"global batch: set train.batch_size and train.grad_accum so that ranks x batch_size x "
                 f"grad_accum = {saved['global_batch']}{hint}")
-        if (saved["zero_stage"] == 0) != (self.step_fn._zero == 0):
+        if (saved["zero_stage"] == 0) != (self.step_fn.zero_stage == 0):
             raise ConfigError(
                 f"{path} was written by {saved['world_size']} ranks with ZeRO stage {saved['zero_stage']}; this "
-                f"job has {self.world} ranks and ZeRO stage {self.step_fn._zero}. On another number of ranks "
+                f"job has {self.world} ranks and ZeRO stage {self.step_fn.zero_stage}. On another number of ranks "
                 "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2 (their optimiser states "
                 "are laid out differently): set train.zero_stage accordingly (see docs/training.md)")
 
@@ -390,7 +390,7 @@ class Trainer:
         p = self.pos
         global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world
         meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "skipped_nonfinite": p.skipped_nonfinite,
-                "samples": p.step * global_batch, "global_batch": global_batch, "zero_stage": self.step_fn._zero,
+                "samples": p.step * global_batch, "global_batch": global_batch, "zero_stage": self.step_fn.zero_stage,
                 "best_rsum": self.best_rsum if self.best_rsum > float("-inf") else None,
                 "best_tag": self.best_tag, "data_fingerprint": self.data_fingerprint}
         path = ckpt.save_checkpoint(
