@@ -83,16 +83,25 @@ def main(argv=None) -> int:
 
     try:
         trainer = Trainer(cfg, run_dir, resume_from)
-    except ConfigError as exc:  # every rank finds it (data layout, a checkpoint that cannot continue here)
-        print(f"config error: {exc}", file=sys.stderr)
-        if created:  # nothing but the folder was written: a refused job leaves no run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        return 2
-    except ResumeError as exc:  # every rank (a conversion for another number of ranks: full disk, failure)
+    except (ConfigError, ResumeError) as exc:
+        # Every rank finds these alike: the data layout, a checkpoint that cannot
+        # continue here (ConfigError), a conversion for another number of ranks
+        # that failed or would not fit (ResumeError). Nothing but the folder was
+        # written: a refused job leaves no run behind. Removed before the message,
+        # since a launcher may end this rank once another has exited.
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, ConfigError):
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
         log.error("%s", exc)
         return 1
     if du.is_main():
-        rd.save_run_config(cfg, run_dir)
+        try:
+            rd.save_run_config(cfg, run_dir)
+        except OSError as exc:  # a full disk: every checkpoint carries the config too, so train on
+            log.warning("could not save %s: %s; every checkpoint holds the config as well",
+                        os.path.join(run_dir, "config.yaml"), exc)
     try:
         pos = trainer.fit()
     except FloatingPointError as exc:  # every rank agrees on it (the finiteness flag is all-reduced)

@@ -20,7 +20,7 @@ def pytest_report_header(config) -> list:
         free_gb = shutil.disk_usage(where).free / 2**30
         lines.append(f"free disk under {where}: {free_gb:.1f} GiB")
         if free_gb < 2:
-            lines.append(f"WARNING: under 2 GiB free under {where}; the job tests need about 1 GiB "
+            lines.append(f"WARNING: under 2 GiB free under {where}; the job tests need a few hundred MB "
                          "and will fail with 'not enough free space for checkpoint'")
     return lines
 

@@ -93,6 +93,17 @@ def test_incomplete_folder_is_never_chosen(tmp_path):
     assert ckpt.latest_checkpoint(str(root)) == str(root / "step_00000001")
 
 
+def test_the_next_save_is_estimated_without_a_converted_universal_folder(tmp_path):
+    """A resume on other ranks leaves step_X/universal beside the checkpoint;
+    the next save will not write one, so it does not count."""
+    step = tmp_path / "checkpoints" / "step_00000004"
+    (step / "universal" / "zero").mkdir(parents=True)
+    (step / "COMPLETE").write_text("{}")
+    (step / "model_fp32.pt").write_bytes(b"m" * 3000)
+    (step / "universal" / "zero" / "exp_avg.pt").write_bytes(b"u" * 5000)
+    assert ckpt.estimate_bytes(str(tmp_path / "checkpoints"), None) == 3002
+
+
 def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
     from user_dist.config import load_config, to_yaml
 

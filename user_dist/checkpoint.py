@@ -42,6 +42,7 @@ import torch.distributed as dist
 from . import distributed as du
 
 TAG_PREFIX = "step_"
+UNIVERSAL = "universal"  # step_X/universal: the ZeRO state converted for another number of ranks
 log = logging.getLogger("user_dist")
 
 
@@ -199,8 +200,8 @@ def estimate_bytes(ckpt_root: str, engine) -> int:
     0 when the folder cannot be read (check_free_space then reports it)."""
     try:
         newest = latest_checkpoint(ckpt_root)
-        if newest is not None:
-            return folder_bytes(newest)
+        if newest is not None:  # its universal/ (a resume on other ranks) is not part of a save
+            return folder_bytes(newest) - folder_bytes(os.path.join(newest, UNIVERSAL))
     except OSError:
         return 0
     return 24 * sum(p.numel() for p in engine.module.parameters())
@@ -427,8 +428,6 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
 
 
-UNIVERSAL = "universal"
-
 
 def to_universal(ckpt_dir: str, device=None) -> str:
     """``ckpt_dir/universal``: the ZeRO 1-2 engine state in DeepSpeed's universal
@@ -443,7 +442,10 @@ def to_universal(ckpt_dir: str, device=None) -> str:
     out = os.path.join(ckpt_dir, UNIVERSAL)
     error = ""
     if du.is_main() and not os.path.isdir(out):
-        error = _convert_to_universal(ckpt_dir, out)
+        try:
+            error = _convert_to_universal(ckpt_dir, out)
+        except Exception as exc:  # anything: the other ranks are waiting in the all-reduce below
+            error = f"converting {ckpt_dir} to DeepSpeed's universal format failed: {exc!r}"
     failed = torch.tensor([int(bool(error))], dtype=torch.int32)
     if du.world_size() > 1:
         failed = failed.to(device if device is not None else "cpu")
@@ -464,6 +466,9 @@ def _convert_to_universal(ckpt_dir: str, out: str) -> str:
     # ds_to_universal first extracts every partition into a temporary folder
     # beside its output: measured, the peak is about 2.1x the optimiser
     # partitions' bytes and the result 1.4x (small models; about 1x for big ones).
+    for name in os.listdir(ckpt_dir):  # left by a conversion that was killed
+        if name.startswith(f"{UNIVERSAL}.tmp."):
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     partitions = sum(os.path.getsize(os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir)
                      if n.endswith("optim_states.pt"))
     need = int(2.5 * partitions) + 2 ** 20

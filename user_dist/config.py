@@ -435,9 +435,14 @@ def to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(to_yaml(cfg))
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):  # a full disk: no half-written temporary left behind
+            os.remove(tmp)
+        raise
 
 
 def describe_schema() -> List[tuple]:

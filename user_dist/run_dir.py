@@ -33,14 +33,17 @@ def resolve_resume(cfg: Config) -> str:
 
 def prepare(cfg: Config, is_main: bool) -> tuple:
     """Create the run folder (rank 0). Returns ``(run_dir, created)``:
-    ``created`` says this call made it, so that a job the Trainer refuses
-    (a config error found with the data or a checkpoint) leaves no folder
-    behind. The config is saved by :func:`save_run_config` once the job
-    starts, so a refused resume never overwrites the run's ``config.yaml``."""
+    ``created`` is the topmost folder this call made ('' if the run folder
+    existed), so that a job refused at start (a config error found with the
+    data or a checkpoint) can leave nothing behind. The config is saved by
+    :func:`save_run_config` once the job starts, so a refused resume never
+    overwrites the run's ``config.yaml``."""
     run_dir = run_path(cfg)
-    created = False
+    created = ""
     if is_main:
-        created = not os.path.isdir(run_dir)
+        top = os.path.abspath(run_dir)
+        while not os.path.isdir(top):  # the highest missing folder: makedirs creates the parents too
+            created, top = top, os.path.dirname(top)
         os.makedirs(run_dir, exist_ok=True)
     return run_dir, created
 

@@ -139,10 +139,11 @@ class TrainStep:
         if ds_cfg.get("fp16", {}).get("enabled"):
             from deepspeed.accelerator import get_accelerator
 
-            if not get_accelerator().is_fp16_supported():  # DeepSpeed's CPU accelerator: a ValueError deep inside
+            if not get_accelerator().is_fp16_supported():  # else a ValueError from deep inside DeepSpeed
                 raise ConfigError(
-                    f"train.precision=fp16 needs a GPU: DeepSpeed's {get_accelerator().device_name()} accelerator "
-                    "has no fp16 training. Use train.precision=bf16 (or fp32) here")
+                    f"train.precision=fp16, but DeepSpeed's {get_accelerator().device_name()} accelerator reports "
+                    "no fp16 support here (most CPUs; GPUs before compute capability 7.0). Use "
+                    "train.precision=bf16 where the device has it, or fp32")
         # A ZeRO 1-2 checkpoint of another world size (Trainer._restore), into a
         # ZeRO 1-2 engine; a ZeRO-0 one is refused there with a message.
         self.load_universal = load_universal and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
