@@ -200,7 +200,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
         # Sum over ranks, keep this rank's rows: a reduce-scatter moves half
         # the bytes of an all-reduce followed by slicing.
         out = torch.empty((ctx.batch, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad.contiguous())
+        # torch 2.14 renamed reduce_scatter_tensor (now deprecated, with a warning per call site).
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        reduce_scatter(out, grad.contiguous())
         return out  # (B, ...)
 
 
