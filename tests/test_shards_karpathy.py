@@ -118,3 +118,22 @@ def test_flickr_layout_without_filepath(tmp_path):
     build_karpathy(str(path), str(tmp_path / "flickr30k-images"), "test", str(tmp_path / "out"))
     [raw] = read(tmp_path / "out")
     assert raw.key == "flickr30k_test_000000" and decode_json(raw)["image_id"] == 7
+
+
+def test_own_data_needs_only_file_names_splits_and_five_captions(tmp_path):
+    """The minimal JSON docs/data.md gives for a user's own image-caption data:
+    no dataset name, no filepath, no ids."""
+    (tmp_path / "photos").mkdir()
+    images = []
+    for k in range(3):
+        (tmp_path / "photos" / f"p{k}.jpg").write_bytes(jpeg(k))
+        images.append({"filename": f"p{k}.jpg", "split": "train" if k < 2 else "test",
+                       "sentences": [{"raw": f"photo {k} caption {j}"} for j in range(5)]})
+    path = tmp_path / "my_captions.json"
+    path.write_text(json.dumps({"images": images}))
+    build_karpathy(str(path), str(tmp_path / "photos"), "train", str(tmp_path / "out"))
+    samples = read(tmp_path / "out")
+    assert [decode_json(r) for r in samples] == [
+        {"image_id": k, "captions": [f"photo {k} caption {j}" for j in range(5)], "split": "train",
+         "source": "my_captions"} for k in range(2)]
+    assert [r.members["jpg"] for r in samples] == [jpeg(0), jpeg(1)]
