@@ -104,6 +104,35 @@ def test_the_next_save_is_estimated_without_a_converted_universal_folder(tmp_pat
     assert ckpt.estimate_bytes(str(tmp_path / "checkpoints"), None) == 3002
 
 
+class _RunsCode:
+    """What an attacker's checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_files_would_run_code_is_refused_before_deepspeed_loads_it(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    step = tmp_path / "step_00000004"
+    (step / "universal" / "zero").mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(3)}, "zero_stage": ZeroStageEnum.gradients,
+                "loss_scaler": DynamicLossScaler(2.0 ** 16, 1000, 1.0, 2, True)}, step / "mp_rank_00_model_states.pt")
+    assert ckpt.unsafe_files(str(step)) == []  # DeepSpeed's own classes are allowed
+    marker = tmp_path / "code_ran"
+    torch.save({"exp_avg": torch.zeros(2), "payload": _RunsCode(marker)}, step / "universal" / "zero" / "x.pt")
+    with pytest.raises(ckpt.ResumeError) as e:
+        ckpt.check_loads_without_code(str(step))
+    message = str(e.value)
+    assert str(step / "universal" / "zero" / "x.pt") in message and "system" in message
+    assert "train.trust_checkpoint=true" in message
+    assert not marker.exists()
+
+
 def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
     from user_dist.config import load_config, to_yaml
 

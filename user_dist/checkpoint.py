@@ -21,8 +21,13 @@ point leaves the previous checkpoint and ``latest`` intact; leftover
 ``*.tmp`` folders are removed by the next save.
 
 Everything we write ourselves loads with ``torch.load(weights_only=True)``:
-plain tensors, numbers, strings, lists and dicts. The DeepSpeed engine files
-are the run's own output and are loaded by DeepSpeed itself.
+plain tensors, numbers, strings, lists and dicts. DeepSpeed loads its engine
+files (and ds_to_universal converts them) with the full unpickler, so before
+any of that rank 0 loads every ``.pt`` file of the checkpoint with torch's
+weights-only unpickler, allowing only the few DeepSpeed classes its files
+hold (:data:`DEEPSPEED_GLOBALS`): a file that would run other code on
+loading is refused (:func:`check_loads_without_code`), unless the user says
+the checkpoint is trusted (``train.trust_checkpoint``).
 """
 from __future__ import annotations
 
@@ -43,6 +48,16 @@ from . import distributed as du
 
 TAG_PREFIX = "step_"
 UNIVERSAL = "universal"  # step_X/universal: the ZeRO state converted for another number of ranks
+# The only classes DeepSpeed 0.19's engine files pickle beyond tensors and
+# containers (found with torch.serialization.get_unsafe_globals_in_checkpoint
+# over ZeRO 0-2, fp32/bf16 and universal checkpoints; the fp16 loss scalers by
+# reading its source). Constructing them runs no code of the file's choosing.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 log = logging.getLogger("user_dist")
 
 
@@ -387,7 +402,7 @@ def saved_layout(ckpt_dir: str, meta: Dict[str, Any]) -> Dict[str, int]:
 
 
 def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
-                    universal: bool = False) -> Dict[str, Any]:
+                    universal: bool = False, trusted: bool = False) -> Dict[str, Any]:
     """Restore the engine and return meta, momentum state and this rank's state.
 
     A checkpoint written by another number of ranks raises a clear error
@@ -397,8 +412,12 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
     ``NegativeQueues.load_state_dict`` to lay out afresh. ``universal`` (an
     engine built with ``checkpoint.load_universal``): the ZeRO 1-2 engine
     state is read through DeepSpeed's universal format (:func:`to_universal`).
+    Unless ``trusted``, every file is first checked to load without running
+    code (:func:`check_loads_without_code`; ResumeError otherwise).
     """
     require_complete(ckpt_dir)
+    if not trusted:
+        check_loads_without_code(ckpt_dir, engine.device)
     meta = load_meta(ckpt_dir)
     saved_world = int(meta["world_size"])
     if saved_world != du.world_size() and not reshard:
@@ -440,20 +459,81 @@ def to_universal(ckpt_dir: str, device=None) -> str:
     first, or a failed conversion), and the temporary folder is removed.
     """
     out = os.path.join(ckpt_dir, UNIVERSAL)
+    _on_rank0_for_all(lambda: "" if os.path.isdir(out) else _convert_to_universal(ckpt_dir, out), device,
+                      f"converting {ckpt_dir} to DeepSpeed's universal format",
+                      f"rank 0 could not convert {ckpt_dir} to DeepSpeed's universal format; its log says why")
+    return out
+
+
+def _on_rank0_for_all(check, device, what: str, others: str) -> None:
+    """Run ``check()`` (-> '' or what went wrong) on rank 0 while the other
+    ranks wait in one all-reduce; then every rank raises ResumeError (rank 0
+    with the message, the others with ``others``) or none does. Any exception
+    on rank 0 counts as a failure, so no rank is left waiting."""
     error = ""
-    if du.is_main() and not os.path.isdir(out):
+    if du.is_main():
         try:
-            error = _convert_to_universal(ckpt_dir, out)
+            error = check()
         except Exception as exc:  # anything: the other ranks are waiting in the all-reduce below
-            error = f"converting {ckpt_dir} to DeepSpeed's universal format failed: {exc!r}"
+            error = f"{what} failed: {exc!r}"
     failed = torch.tensor([int(bool(error))], dtype=torch.int32)
     if du.world_size() > 1:
         failed = failed.to(device if device is not None else "cpu")
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if int(failed.item()):
-        raise ResumeError(error or f"rank 0 could not convert {ckpt_dir} to DeepSpeed's universal format; "
-                          "its log says why")
-    return out
+        raise ResumeError(error or others)
+
+
+def _deepspeed_classes() -> list:
+    import importlib
+
+    found = []
+    for dotted in DEEPSPEED_GLOBALS:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: its files will not name it either
+            pass
+    return found
+
+
+def unsafe_files(ckpt_dir: str) -> List[str]:
+    """'file: reason' for every ``.pt`` file under ``ckpt_dir`` (universal/
+    included) that torch's weights-only unpickler refuses even with
+    :data:`DEEPSPEED_GLOBALS` allowed. Tensors are memory-mapped, not read:
+    only the pickled structure is checked."""
+    import pickle
+
+    bad = []
+    with torch.serialization.safe_globals(_deepspeed_classes()):
+        for base, _, files in sorted(os.walk(ckpt_dir)):
+            for name in sorted(files):
+                if not name.endswith(".pt"):
+                    continue
+                path = os.path.join(base, name)
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except pickle.UnpicklingError as exc:
+                    # torch's message: the refused global first, then advice meant for its own API
+                    reason = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln),
+                                  str(exc).splitlines()[0] if str(exc) else repr(exc))
+                    bad.append(f"{path}: {reason.rstrip('.')}")
+    return bad
+
+
+def check_loads_without_code(ckpt_dir: str, device=None) -> None:
+    """Refuse (ResumeError, on every rank) a checkpoint whose files would run
+    code of their own when DeepSpeed unpickles them. Collective; rank 0 reads."""
+    def check() -> str:
+        bad = unsafe_files(ckpt_dir)
+        if not bad:
+            return ""
+        return (f"{ckpt_dir} holds pickled objects that torch's weights-only loader refuses, so loading it "
+                f"could run code: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. Resume only from "
+                "checkpoints you trust; if you made this one (another DeepSpeed version can pickle other "
+                "classes), set train.trust_checkpoint=true")
+    _on_rank0_for_all(check, device, f"checking {ckpt_dir} before loading",
+                      f"rank 0 refused to load {ckpt_dir}; its log says why")
 
 
 def _convert_to_universal(ckpt_dir: str, out: str) -> str:

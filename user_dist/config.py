@@ -195,6 +195,10 @@ class TrainConfig:
     # '' (start fresh; refuse a non-empty run folder), 'auto' (newest complete
     # checkpoint of the run if any), or a checkpoint path.
     resume: str = ""
+    # Load a resumed checkpoint's DeepSpeed files without first checking that
+    # they unpickle without running code (docs/training.md). Only for
+    # checkpoints you made whose files another DeepSpeed version wrote.
+    trust_checkpoint: bool = False
     # Validation (val split, generic protocol) every N epochs; 0 = never.
     validate_every_epochs: int = 1
     max_nonfinite_in_a_row: int = 10  # stop after this many non-finite skips in a row (docs/training.md)

@@ -344,7 +344,8 @@ class Trainer:
         reshard = saved["world_size"] != self.world
         if reshard:
             self._reshard_check(path, saved)
-        state = ckpt.load_checkpoint(path, self.engine, reshard=reshard, universal=self.step_fn.load_universal)
+        state = ckpt.load_checkpoint(path, self.engine, reshard=reshard, universal=self.step_fn.load_universal,
+                                     trusted=self.cfg.train.trust_checkpoint)
         self.momentum.load_state_dict(state["momentum"])
         rs = state["rank_state"]
         queue_state = rs["queue"]
