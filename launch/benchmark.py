@@ -175,6 +175,9 @@ _PAYLOAD = {
     "all_gather": lambda *a, **k: sum(_nbytes(t) for t in k.get("tensor_list", a[0] if a else ())),
     "all_gather_into_tensor": lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None)),
     "reduce_scatter_tensor": lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None)),
+    # torch 2.14's names for the two above (the old ones call them inside torch, uncounted twice).
+    "all_gather_single": lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None)),
+    "reduce_scatter_single": lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None)),
     "reduce_scatter": lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1] if len(a) > 1 else ())),
     "all_to_all_single": lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None)),
 }
