@@ -85,10 +85,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, run_dir, resume_from)
     except (ConfigError, ResumeError) as exc:
         # Every rank finds these alike: the data layout, a checkpoint that cannot
-        # continue here (ConfigError), a conversion for another number of ranks
-        # that failed or would not fit (ResumeError). Nothing but the folder was
-        # written: a refused job leaves no run behind. Removed before the message,
-        # since a launcher may end this rank once another has exited.
+        # continue here (ConfigError), a checkpoint file that would run code, or a
+        # conversion for another number of ranks that failed or would not fit
+        # (ResumeError). Nothing but the folder was written: a refused job leaves
+        # no run behind. Removed before the message, since a launcher may end
+        # this rank once another has exited.
         if created:
             shutil.rmtree(created, ignore_errors=True)
         if isinstance(exc, ConfigError):

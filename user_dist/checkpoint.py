@@ -191,9 +191,10 @@ class CheckpointSaveError(RuntimeError):
 
 
 class ResumeError(RuntimeError):
-    """A complete checkpoint that cannot be resumed here as asked (its
-    conversion for another number of ranks failed or would not fit). The
-    message says what to do; nothing in the checkpoint was changed."""
+    """A complete checkpoint that cannot be resumed here as asked: a file
+    that would run code when unpickled, or a conversion for another number
+    of ranks that failed or would not fit. The message says what to do;
+    nothing in the checkpoint was changed."""
 
 
 def folder_bytes(path: str) -> int:
@@ -445,7 +446,6 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
     else:
         rank_state = {"queue": load_queue_states(ckpt_dir, saved_world), "rng": None}
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
-
 
 
 def to_universal(ckpt_dir: str, device=None) -> str:
