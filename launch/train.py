@@ -45,8 +45,9 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, check_paths=not args.print_config, sources={"data.train_shards": args.config or "default value",
-                                                 "data.val_shards": args.config or "default value"})
+        source = args.config or "default value"
+        validate(cfg, check_paths=not args.print_config,
+                 sources={"data.train_shards": source, "data.val_shards": source})
         if not args.print_config:
             from user_dist.data import check_model_fits
 

@@ -428,7 +428,7 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
             "(see docs/training.md)")
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if universal:
-        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, engine.device))
+        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, saved_world, engine.device))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
@@ -448,7 +448,7 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
     return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
 
 
-def to_universal(ckpt_dir: str, device=None) -> str:
+def to_universal(ckpt_dir: str, saved_world: int, device=None) -> str:
     """``ckpt_dir/universal``: the ZeRO 1-2 engine state in DeepSpeed's universal
     format (optimiser state per parameter, loadable on any number of ranks).
 
@@ -459,7 +459,8 @@ def to_universal(ckpt_dir: str, device=None) -> str:
     first, or a failed conversion), and the temporary folder is removed.
     """
     out = os.path.join(ckpt_dir, UNIVERSAL)
-    _on_rank0_for_all(lambda: "" if os.path.isdir(out) else _convert_to_universal(ckpt_dir, out), device,
+    _on_rank0_for_all(lambda: "" if os.path.isdir(out) else _convert_to_universal(ckpt_dir, out, saved_world),
+                      device,
                       f"converting {ckpt_dir} to DeepSpeed's universal format",
                       f"rank 0 could not convert {ckpt_dir} to DeepSpeed's universal format; its log says why")
     return out
@@ -536,21 +537,22 @@ def check_loads_without_code(ckpt_dir: str, device=None) -> None:
                       f"rank 0 refused to load {ckpt_dir}; its log says why")
 
 
-def _convert_to_universal(ckpt_dir: str, out: str) -> str:
+def _convert_to_universal(ckpt_dir: str, out: str, saved_world: int) -> str:
     """Rank 0's conversion; returns '' or what went wrong and what to do."""
     import subprocess
     import sys
 
     advice = (f"Nothing in {ckpt_dir} was changed. Free space and resume again, or resume on the number of "
-              f"ranks that wrote it ({load_meta(ckpt_dir).get('world_size', '?')}), which needs no conversion")
+              f"ranks that wrote it ({saved_world}), which needs no conversion")
+    partitions = 0
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(f"{UNIVERSAL}.tmp."):  # left by a conversion that was killed
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        elif name.endswith("optim_states.pt"):
+            partitions += os.path.getsize(os.path.join(ckpt_dir, name))
     # ds_to_universal first extracts every partition into a temporary folder
     # beside its output: measured, the peak is about 2.1x the optimiser
     # partitions' bytes and the result 1.4x (small models; about 1x for big ones).
-    for name in os.listdir(ckpt_dir):  # left by a conversion that was killed
-        if name.startswith(f"{UNIVERSAL}.tmp."):
-            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-    partitions = sum(os.path.getsize(os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir)
-                     if n.endswith("optim_states.pt"))
     need = int(2.5 * partitions) + 2 ** 20
     try:
         free = shutil.disk_usage(ckpt_dir).free
