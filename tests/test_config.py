@@ -5,9 +5,18 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT, child_env
-from user_dist.config import Config, ConfigError, load_config, save_config, schema_markdown, valid_keys
+from user_dist.config import (Config, ConfigError, Interval, iter_fields, load_config, save_config, schema_markdown,
+                              valid_keys)
 
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+LEAVES = list(iter_fields(Config()))  # (dotted key, dataclasses.Field, default) of every option
+
+
+def declaring(rule):
+    """(key, field, default) of every option whose metadata declares ``rule``: a
+    field added to the schema later is covered by the tests below automatically."""
+    return [pytest.param(key, f, value, id=key) for key, f, value in LEAVES
+            if f.metadata.get(rule) not in (None, (), "")]
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -125,6 +134,71 @@ def test_reference_docs_match_the_schema():
     assert embedded == schema_markdown(), "regenerate with: make docs"
     for key in valid_keys():
         assert f"`{key}`" in embedded
+
+
+def test_every_option_has_a_doc():
+    assert [key for key, f, _ in LEAVES if not f.metadata.get("doc", "").strip()] == []
+
+
+def rejected(override):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    return str(e.value)
+
+
+@pytest.mark.parametrize("key,f,default", declaring("gt"))
+def test_declared_gt_bound_is_enforced(key, f, default):
+    gt = f.metadata["gt"]
+    msg = rejected(f"{key}={gt}")
+    assert f"command line '{key}={gt}': config key '{key}' must be " in msg
+    assert ("must be positive" if gt == 0 else f"must be > {gt}") in msg
+
+
+@pytest.mark.parametrize("key,f,default", declaring("ge"))
+def test_declared_ge_bound_is_enforced(key, f, default):
+    ge = f.metadata["ge"]
+    assert f"config key '{key}' must be >= {ge}, got {ge - 1}" in rejected(f"{key}={ge - 1}")
+
+
+@pytest.mark.parametrize("key,f,default", declaring("within"))
+def test_declared_interval_is_enforced_at_both_ends(key, f, default):
+    i = f.metadata["within"]
+    below = i.lo - 1 if i.lo_closed else i.lo
+    above = i.hi + 1 if i.hi_closed else i.hi
+    for outside in (below, above):
+        assert f"config key '{key}' must be in {i}" in rejected(f"{key}={outside}")
+    load_config(None, [f"{key}={i.lo if i.lo_closed else (i.lo + i.hi) / 2}"])  # an included bound is allowed
+
+
+@pytest.mark.parametrize("key,f,default", declaring("choices"))
+def test_declared_choices_are_enforced_and_listed(key, f, default):
+    choices = f.metadata["choices"]
+    listed = "valid choices: " + ", ".join(str(c) for c in choices)
+    if isinstance(default, list):
+        assert f"config key '{key}' contains 'nope'; {listed}" in rejected(f"{key}=[{choices[0]},nope]")
+    elif isinstance(default, int):
+        assert f"config key '{key}' is {max(choices) + 1}; {listed}" in rejected(f"{key}={max(choices) + 1}")
+    else:
+        assert f"config key '{key}' is 'nope'; {listed}" in rejected(f"{key}=nope")
+
+
+def test_malformed_interval_is_refused_where_it_is_declared():
+    assert str(Interval.parse("[0, 1)")) == "[0, 1)"
+    with pytest.raises(ValueError, match="write it as"):
+        Interval.parse("0..1")
+
+
+def test_reference_table_has_one_well_formed_row_per_key():
+    header, rule, *rows = schema_markdown().splitlines()
+    assert [row.split(" | ")[0].strip("| `") for row in rows] == valid_keys()
+    columns = header.count("|")
+    for row in rows:  # a '|' inside a doc would add a column unless escaped
+        assert row.count("|") - row.count("\\|") == columns, row
+
+
+def test_saved_config_leaves_no_temporary_file(tmp_path):
+    save_config(Config(), str(tmp_path / "config.yaml"))
+    assert os.listdir(tmp_path) == ["config.yaml"]
 
 
 def run_train(args, cwd):
