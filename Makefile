@@ -1,6 +1,7 @@
 # user-dist: the two commands a new user needs.
 #   make demo   builds the synthetic shards, trains 2 processes, evaluates
-#   make test   runs the whole test suite
+#   make test   runs the whole test suite (the cluster tests skip without Slurm,
+#               munge, sshd and pdsh, naming the apt-get command; see README.md)
 # Both create .venv on first use and reuse it afterwards.
 
 PY      ?= python3

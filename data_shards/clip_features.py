@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from data_shards.writer import BuildError, TarShard, encode_npy, prepare_output, write_manifest
+from user_dist.atomic import is_temporary
 from user_dist.data_format import (MANIFEST, Manifest, RawSample, ShardInfo, decode_json, iter_raw_samples,
                                    load_manifest, sha256_file, split_member_name)
 
@@ -112,7 +113,7 @@ def _check_resume(out_dir: str, params: Mapping[str, Any], overwrite: bool) -> N
         raise BuildError(f"{out_dir} holds an unfinished CLIP build with other arguments ({previous}); "
                          "rerun with those, or pass --overwrite to start again")
     for name in os.listdir(out_dir):
-        if ".partial-" in name:  # left by a killed run
+        if is_temporary(name):  # left by a killed run
             os.remove(os.path.join(out_dir, name))
 
 

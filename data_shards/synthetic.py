@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_shards.writer import BuildError, SampleEncoder, ShardWriter, sample_json
+from user_dist.atomic import atomic_json
 from user_dist.data_format import CAPTIONS_PER_IMAGE, MANIFEST
 
 GENERATOR_VERSION = 1
@@ -254,12 +255,9 @@ def write_raw(raw_dir: str, entries: Dict[str, List[Dict[str, Any]]], params: Ma
     """Write raw/dataset_synthetic.json (Karpathy format plus each image's scene); returns its path."""
     os.makedirs(raw_dir, exist_ok=True)
     path = os.path.join(raw_dir, "dataset_synthetic.json")
-    tmp = f"{path}.partial-{os.getpid()}"
-    text = json.dumps({"dataset": SOURCE, "build": dict(params),
-                       "images": [e for split in SPLITS for e in entries.get(split, [])]}, separators=(",", ":"))
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_json(path, {"dataset": SOURCE, "build": dict(params),
+                       "images": [e for split in SPLITS for e in entries.get(split, [])]},
+                indent=None, separators=(",", ":"))
     return path
 
 

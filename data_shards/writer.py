@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from data_shards import TOOL_VERSION
+from user_dist.atomic import AtomicFile, atomic_json, is_temporary
 from user_dist.data_format import (CAPTIONS_PER_IMAGE, FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo,
                                    check_array)
 
@@ -43,7 +44,7 @@ def sample_json(image_id: Any, captions: Sequence[str], split: str, source: str)
 def prepare_output(out_dir: str, overwrite: bool) -> None:
     """Create out_dir; refuse one that already holds shards unless overwrite (then clear them)."""
     os.makedirs(out_dir, exist_ok=True)
-    ours = [n for n in os.listdir(out_dir) if n.endswith(".tar") or n == MANIFEST or ".partial-" in n]
+    ours = [n for n in os.listdir(out_dir) if n.endswith(".tar") or n == MANIFEST or is_temporary(n)]
     if ours and not overwrite:
         state = "a complete build" if MANIFEST in ours else "an unfinished build (no manifest.json)"
         raise BuildError(f"{out_dir} already holds shards from {state}: {len(ours)} files, e.g. "
@@ -68,17 +69,16 @@ class _HashingFile:
 
 
 class TarShard:
-    """One tar shard being written under a temporary name.
+    """One tar shard being written under a temporary name (user_dist.atomic).
 
-    ``finish()`` renames it into place and returns its ShardInfo; ``abort()``
-    (or an exception inside ``with``) removes the temporary file.
+    ``finish()`` renames it into place, durably, and returns its ShardInfo;
+    ``abort()`` (or an exception inside ``with``) removes the temporary file.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
-        self._file = open(self.tmp, "wb")
-        self._hashing = _HashingFile(self._file)
+        self._out = AtomicFile(path, "wb")
+        self._hashing = _HashingFile(self._out.file)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)
         self.num_samples = 0
 
@@ -91,19 +91,14 @@ class TarShard:
 
     def finish(self) -> ShardInfo:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        self._out.commit()
         return ShardInfo(os.path.basename(self.path), self.num_samples, self._hashing.sha.hexdigest(),
                          self._hashing.size)
 
     def abort(self) -> None:
         self._hashing.discard = True
         self._tar.close()
-        self._file.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self._out.discard()
 
     def __enter__(self) -> "TarShard":
         return self
@@ -126,12 +121,7 @@ def write_manifest(out_dir: str, *, split: str, source: str, members: Sequence[s
         "build": dict(build),
     }
     path = os.path.join(out_dir, MANIFEST)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_json(path, manifest)
     return path
 
 

@@ -34,6 +34,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from user_dist.atomic import atomic_json  # noqa: E402
 from user_dist.config import load_config  # noqa: E402
 from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
                                           evaluate, i2t_ranks_torch, t2i_ranks_torch)
@@ -47,13 +48,6 @@ Results = Optional[Tuple[int, Dict[str, dict]]]
 # run may have been resumed from a checkpoint pruned since): blank them so
 # that validation does not reject the config.
 NEUTRAL_OVERRIDES = ["train.resume=''", "train.deepspeed_config=''"]
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- offline scoring
@@ -187,14 +181,7 @@ def _all_ranks_ok(ok: bool) -> bool:
     """True when ``ok`` holds on every rank (so all ranks skip a bad checkpoint together)."""
     from user_dist import distributed
 
-    if distributed.world_size() == 1:
-        return ok
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(ok)], device=distributed.device_for(int(os.environ.get("LOCAL_RANK", 0))))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # nccl reduces only CUDA tensors
-    return bool(flag.item())
+    return bool(distributed.agree([ok], "all"))
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -234,7 +221,7 @@ class RunRecorder:
 
     def _save_state(self) -> None:
         os.makedirs(self.eval_dir, exist_ok=True)
-        _atomic_json(self.state_path, self.state)
+        atomic_json(self.state_path, self.state)
 
     def record(self, tag: str, step: int, results: Dict[str, dict]) -> None:
         """metrics.json, TensorBoard scalars, best.json, then the state (last: a crash re-evaluates)."""
@@ -243,7 +230,7 @@ class RunRecorder:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(self.out_dir(tag), exist_ok=True)
-        _atomic_json(os.path.join(self.out_dir(tag), "metrics.json"), {"tag": tag, "step": step, **results})
+        atomic_json(os.path.join(self.out_dir(tag), "metrics.json"), {"tag": tag, "step": step, **results})
         # One writer (one event file) for the job's lifetime: event files are
         # read in name order, and a new writer per checkpoint names its file
         # with a process-wide counter (…9 sorts after …10), so TensorBoard
@@ -263,7 +250,7 @@ class RunRecorder:
             with open(best_path) as f:
                 best = json.load(f)
         if best is None or best.get("protocol") != protocol or rsum > best["rsum"]:
-            _atomic_json(best_path, {"tag": tag, "step": step, "protocol": protocol, "rsum": rsum,
+            atomic_json(best_path, {"tag": tag, "step": step, "protocol": protocol, "rsum": rsum,
                                      "metrics": os.path.join(tag, "metrics.json")})
         self.state["evaluated"][tag] = {"step": step, "rsum": rsum}
         self._save_state()
@@ -377,7 +364,7 @@ def _score_sims(args) -> int:
                        source=args.sims[0] if len(args.sims) == 1 else "averaged matrices")
     print(format_table({args.protocol: results}))
     if args.json:
-        _atomic_json(args.json, results)
+        atomic_json(args.json, results)
     return 0
 
 
@@ -408,7 +395,7 @@ def _evaluate_checkpoints(args) -> int:
         if recorder:
             recorder.record(tag, step, results)
         else:
-            _atomic_json(os.path.join(out_dir, "metrics.json"), {"tag": tag, "step": step, **results})
+            atomic_json(os.path.join(out_dir, "metrics.json"), {"tag": tag, "step": step, **results})
         print(format_table(results))
     return 0
 

@@ -80,10 +80,12 @@ def main(argv=None) -> int:
                  du.device_for(env.local_rank), to_yaml(cfg))
 
     from user_dist.checkpoint import CheckpointSaveError, ResumeError
+    from user_dist.faults import Faults
     from user_dist.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, run_dir, resume_from)
+        # USER_DIST_FAULT_*: the tests' fault hooks, read here and nowhere else.
+        trainer = Trainer(cfg, run_dir, resume_from, faults=Faults.from_env(os.environ, env.rank))
     except (ConfigError, ResumeError) as exc:
         # Every rank finds these alike: the data layout, a checkpoint that cannot
         # continue here (ConfigError), a checkpoint file that would run code, or a

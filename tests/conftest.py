@@ -11,7 +11,8 @@ PYTHON = sys.executable
 
 def pytest_report_header(config) -> list:
     """Free disk where the tests write: the job tests save real checkpoints,
-    and a nearly full disk shows up as refused saves, not as a crash."""
+    and a nearly full disk shows up as refused saves, not as a crash. And
+    whether the cluster tests will run, skip or fail (see tests/cluster/fixtures.py)."""
     import shutil
     import tempfile
 
@@ -22,6 +23,14 @@ def pytest_report_header(config) -> list:
         if free_gb < 2:
             lines.append(f"WARNING: under 2 GiB free under {where}; the job tests need a few hundred MB "
                          "and will fail with 'not enough free space for checkpoint'")
+    from tests.cluster.daemons import PDSH_TOOLS, SLURM_TOOLS, missing_tools
+    from tests.cluster.fixtures import cluster_required
+
+    problem = missing_tools(SLURM_TOOLS + PDSH_TOOLS)
+    if problem:
+        lines.append(f"cluster tests: {'FAIL' if cluster_required() else 'skip'} ({problem})")
+    else:
+        lines.append(f"cluster tests: Slurm, munge, sshd, pdsh found{' (required)' if cluster_required() else ''}")
     return lines
 
 

@@ -76,7 +76,7 @@ def test_kill_during_saves_leaves_a_complete_latest(tmp_path):
             torch.load(os.path.join(latest, "user_state", f"rank_{r:05d}.pt"), weights_only=True)
         assert json.loads(open(os.path.join(latest, "meta.json")).read())["world_size"] == 2
     # A resumed job continues from the newest complete one and cleans up leftovers.
-    step = ckpt.load_meta(ckpt.latest_checkpoint(str(tmp_path / "checkpoints")))["step"]
+    step = ckpt.CheckpointMeta.read(ckpt.latest_checkpoint(str(tmp_path / "checkpoints"))).step
     out = finish(launch(tmp_path, 1, "--resume"))
     assert f"resumed {step}" in out
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.endswith(".tmp")]
@@ -133,23 +133,41 @@ def test_a_checkpoint_whose_files_would_run_code_is_refused_before_deepspeed_loa
     assert not marker.exists()
 
 
-def test_saved_layout_reads_meta_or_falls_back_to_the_saved_config(tmp_path):
+def test_checkpoint_meta_reads_the_layout_or_falls_back_to_the_saved_config(tmp_path):
+    import json
+
     from user_dist.config import load_config, to_yaml
 
-    cfg = load_config(None, ["train.batch_size=12", "train.grad_accum=3", "train.zero_stage=1"])
+    cfg = load_config(None, ["train.batch_size=12", "train.grad_accum=3", "train.zero_stage=1",
+                             "queue.size_per_rank=96", "queue.mode=sharded"])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
-    # A checkpoint older than meta's global_batch/zero_stage: from its config.yaml.
-    assert ckpt.saved_layout(str(tmp_path), {"world_size": 4}) == {
-        "world_size": 4, "global_batch": 4 * 12 * 3, "zero_stage": 1}
+
+    def meta(**fields):
+        (tmp_path / "meta.json").write_text(json.dumps(dict(step=5, epoch=0, step_in_epoch=5, **fields)))
+        return ckpt.CheckpointMeta.read(str(tmp_path))
+
+    # A checkpoint older than meta's layout fields: from its config.yaml.
+    old = meta(world_size=4)
+    assert (old.world_size, old.global_batch, old.zero_stage) == (4, 4 * 12 * 3, 1)
+    assert (old.queue_size_per_rank, old.queue_mode) == (96, "sharded")
     # A ZeRO-1 run whose YAML said 0 (a DeepSpeed JSON override): its optimiser partitions tell.
     zero0 = load_config(None, ["train.batch_size=12"])
     (tmp_path / "config.yaml").write_text(to_yaml(zero0))
-    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2})["zero_stage"] == 0
+    assert meta(world_size=2).zero_stage == 0
     (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2})["zero_stage"] == 1
-    # meta.json wins (the stage in force, after any DeepSpeed JSON override).
-    assert ckpt.saved_layout(str(tmp_path), {"world_size": 2, "global_batch": 64, "zero_stage": 0}) == {
-        "world_size": 2, "global_batch": 64, "zero_stage": 0}
+    assert meta(world_size=2).zero_stage == 1
+    # meta.json wins (the stage in force, after any DeepSpeed JSON override); unknown keys are ignored.
+    new = meta(world_size=2, global_batch=64, zero_stage=0, queue_size_per_rank=8, queue_mode="replicated",
+               written_by_a_later_version=True)
+    assert (new.global_batch, new.zero_stage, new.queue_size_per_rank) == (64, 0, 8)
+
+
+def test_checkpoint_meta_round_trips_through_meta_json(tmp_path):
+    meta = ckpt.CheckpointMeta(step=7, epoch=1, step_in_epoch=2, world_size=2, global_batch=48, zero_stage=2,
+                               queue_size_per_rank=64, queue_mode="sharded", skipped_nonfinite=1, samples=336,
+                               best_rsum=12.5, best_tag="step_00000005", data_fingerprint={"seed": 0}, time=1.0)
+    meta.write(str(tmp_path))
+    assert ckpt.CheckpointMeta.read(str(tmp_path)) == meta
 
 
 def _file_bytes(folder):

@@ -19,8 +19,9 @@ import time
 import pytest
 
 from conftest import ROOT, free_port
-from tests.cluster.daemons import HarnessError, in_netns, marked_pids, run, wait_until
-from tests.cluster.fixtures import VENV_BIN, cluster_env
+from tests.cluster.daemons import (INSTALL_COMMAND, NETNS_TOOLS, SLURM_TOOLS, HarnessError, in_netns, marked_pids,
+                                   run, wait_until)
+from tests.cluster.fixtures import REQUIRE_VAR, VENV_BIN, cluster_env, require_tools
 from tests.cluster.pdsh import NetnsPair
 from tests.cluster.slurm import SlurmCluster
 
@@ -173,6 +174,7 @@ def alive(pid):
 
 
 def test_slurm_cluster_stop_ends_daemons_and_running_jobs(tmp_path):
+    require_tools(SLURM_TOOLS)
     cluster = SlurmCluster(str(tmp_path / "slurm"), cluster_env(), [free_port() for _ in range(3)]).start()
     try:
         script = tmp_path / "sleep.sh"
@@ -237,6 +239,7 @@ def test_killing_one_rank_makes_the_other_host_fail_fast_with_a_clear_error(pdsh
 
 
 def test_netns_pair_is_deleted_with_its_link():
+    require_tools(NETNS_TOOLS)
     pair = NetnsPair(cluster_env())
     try:
         links = [run(["ip", "-br", "addr", "show", "clus0"], {}, netns=n).stdout for n in pair.names]
@@ -245,6 +248,22 @@ def test_netns_pair_is_deleted_with_its_link():
     assert [link.split()[2] for link in links] == ["10.200.0.1/24", "10.200.0.2/24"]
     listed = run(["ip", "netns", "list"], {}).stdout
     assert not any(n in listed for n in pair.names)
+
+
+# -- without the packages: a skip that says how to install them, or a failure in CI --------
+
+def test_a_missing_program_skips_the_test_naming_the_install_command(monkeypatch):
+    monkeypatch.delenv(REQUIRE_VAR, raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_tools(["/nonexistent/slurmctld"])
+    assert str(skipped.value) == f"slurmctld not found; install with: {INSTALL_COMMAND}"
+
+
+def test_user_dist_require_cluster_turns_the_skip_into_a_failure(monkeypatch):
+    monkeypatch.setenv(REQUIRE_VAR, "1")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        require_tools(["/nonexistent/slurmctld"])
+    assert INSTALL_COMMAND in str(failed.value) and REQUIRE_VAR in str(failed.value)
 
 
 # -- TensorBoard ------------------------------------------------------------------

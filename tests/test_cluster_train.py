@@ -62,7 +62,7 @@ def test_slurm_two_node_job_fails_fast_on_a_killed_rank_and_resumes(slurm_cluste
     assert time.monotonic() - first_ckpt_at < 60, log
     assert "rank 1 kills itself after step 5" in log and "task 1: Killed" in log, log
     last = ckpt.latest_checkpoint(ckpt_root)
-    saved = ckpt.load_meta(last)["step"]
+    saved = ckpt.CheckpointMeta.read(last).step
     assert saved == 4 and ckpt.is_complete(last)
 
     # Resubmitting the same command resumes from the newest complete checkpoint.
@@ -72,7 +72,7 @@ def test_slurm_two_node_job_fails_fast_on_a_killed_rank_and_resumes(slurm_cluste
     assert (result.state, result.exit_code) == ("COMPLETED", 0), log[-4000:]
     assert f"at step {saved} " in log and "world size 2 (slurm launcher)" in log
     meta, *_ = final_state(tmp_path / "slurm")
-    assert meta["step"] == 20 and meta["world_size"] == 2
+    assert meta.step == 20 and meta.world_size == 2
     assert sorted(losses(tmp_path / "slurm")) == list(range(1, 21))  # no step lost
 
 
@@ -85,7 +85,7 @@ def test_deepspeed_pdsh_launcher_trains_across_two_hosts(pdsh_hosts, tiny_shards
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "world size 2 (deepspeed launcher)" in proc.stdout
     meta, *_ = final_state(tmp_path / "pdsh")
-    assert meta["step"] == 10 and meta["world_size"] == 2
+    assert meta.step == 10 and meta.world_size == 2
     # The run's TensorBoard logs, read back from a real server over HTTP.
     tb = tensorboard_server(str(tmp_path / "pdsh" / "tb"))
     tags = wait_until(lambda: (t := tb.tags()) and any("val/rsum" in x for x in t.values()) and t, 60,

@@ -1,19 +1,20 @@
 """N gloo ranks with batch B each == one process with batch N*B.
 
-The whole method (regions tower with SGE + CGE image and text guides, BERT,
-momentum towers, queues, UTO) runs three SGD steps on two real gloo ranks,
-in both queue modes, and once in this process with the global batch. The
-queue wraps at the third step (8 keys per step, pool of 12). BatchNorm
-statistics are synchronised across ranks (model.sync_norm, the default), so
-the losses, every parameter's gradient at every step, the momentum towers
-and the queue pool agree to float32 tolerance. Dropout is off.
+The real training step (user_dist.train_step.TrainStep: DeepSpeed engine,
+regions tower with SGE + CGE image and text guides, BERT, fp32 momentum
+towers, queues, UTO) runs three optimiser steps on two real gloo ranks, in
+both queue modes, and in one process with the global batch. The queue wraps
+at the third step (8 keys per step, pool of 12). BatchNorm statistics are
+synchronised across ranks (model.sync_norm, the default), so the losses,
+every parameter's gradient at every step (read through the step's own phase
+clock), the momentum towers and the queue pool agree to float32 tolerance.
+Dropout is off.
 """
 import os
 import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import free_port, run_forked_ranks
 from dist_scripts.tiny_setup import train_steps
@@ -22,17 +23,21 @@ WORLD, SIZE_PER_RANK = 2, 6
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    """One gloo rank: both queue modes; rank 0 saves the results."""
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a ``world``-rank DeepSpeed job: both queue modes on 2
+    ranks, the replicated one alone with the global pool on 1; rank 0 saves."""
     code = 0
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        for mode in ("replicated", "sharded"):
-            result = train_steps(mode, SIZE_PER_RANK, rank)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        from user_dist import distributed as du
+
+        du.init_distributed(timeout_s=300)
+        for mode in ("replicated", "sharded") if world > 1 else ("replicated",):
+            result = train_steps(mode, SIZE_PER_RANK * WORLD // world)
             if rank == 0:
-                torch.save(result, f"{out}.{mode}.pt")
-        dist.destroy_process_group()
+                torch.save(result, f"{out}.{world}.{mode}.pt")
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -42,20 +47,18 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("equiv") / "result")
-    port = free_port()
-    torch.set_num_threads(1)
-    # Forked ranks reuse this process's imports (BERT's takes ~10 s).
+    # Forked ranks reuse this process's imports (BERT's and DeepSpeed's take seconds).
+    import deepspeed  # noqa: F401
     import transformers
 
     transformers.BertModel  # noqa: B018 (resolves the lazy import before forking)
-    single = {}
 
-    def one_process():  # the global batch, while the ranks run
-        single.update(train_steps("replicated", WORLD * SIZE_PER_RANK))
+    def one_process():  # the global batch, while the two ranks run
+        run_forked_ranks(_rank_main, 1, 1, free_port(), out, timeout=600)
 
-    run_forked_ranks(_rank_main, WORLD, port, out, between=one_process)
-    load = lambda mode: torch.load(f"{out}.{mode}.pt", weights_only=True)  # noqa: E731
-    return {"single": single, "replicated": load("replicated"), "sharded": load("sharded")}
+    run_forked_ranks(_rank_main, WORLD, WORLD, free_port(), out, between=one_process, timeout=600)
+    load = lambda name: torch.load(f"{out}.{name}.pt", weights_only=True)  # noqa: E731
+    return {"single": load("1.replicated"), "replicated": load("2.replicated"), "sharded": load("2.sharded")}
 
 
 @pytest.mark.slow

@@ -8,11 +8,14 @@ collectives it then ran gave the right answers.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tests.cluster.daemons import wait_until
 from tests.cluster.fixtures import VENV_BIN, cluster_env
 from conftest import ROOT, free_port
 from user_dist.distributed import DistEnv, discover, first_slurm_host, strip_local_rank_arg
@@ -120,9 +123,16 @@ def run_probe(argv, out, env=None, timeout_s=RUN_TIMEOUT_S):
     return read_records(out)
 
 
-def read_records(path):
+def read_records_raw(path):
+    if not os.path.exists(path):
+        return []
     with open(path) as f:
-        return sorted((json.loads(line) for line in f), key=lambda r: r["rank"])
+        return [json.loads(line) for line in f]
+
+
+def read_records(path):
+    """The ranks' check lines (not their error lines), by rank."""
+    return sorted((r for r in read_records_raw(path) if "result" in r), key=lambda r: r["rank"])
 
 
 def assert_ranks_agree(records, world, launcher):
@@ -172,3 +182,55 @@ def test_plain_single_process_needs_no_launcher(tmp_path):
     out = tmp_path / "probe.jsonl"
     records = run_probe([sys.executable, PROBE, "--out", str(out)], out)
     assert_ranks_agree(records, 1, "single")
+
+
+# -- start-up on a loaded machine ------------------------------------------------
+
+def listening(port):
+    """Whether some process listens on TCP ``port`` (read from /proc: connecting
+    to rank 0's store would count as a client)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+@pytest.mark.slow
+def test_start_up_waits_for_a_late_rank_while_collectives_keep_their_short_timeout(tmp_path):
+    """Ranks reach the process group far apart on a loaded machine: start-up
+    waits for the late one (user_dist.distributed.CONNECT_TIMEOUT_S) although
+    the collective timeout is shorter; a frozen peer is still noticed after
+    the collective timeout."""
+    timeout_s, port, out = 5, free_port(), str(tmp_path / "probe.jsonl")
+
+    def start(rank):
+        env = cluster_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        return subprocess.Popen([sys.executable, PROBE, "--out", out, "--no-deepspeed", "--timeout", str(timeout_s),
+                                 "--linger", "120"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    ranks = [start(0)]
+    try:
+        wait_until(lambda: ranks[0].poll() is not None or listening(port), RUN_TIMEOUT_S, "rank 0's store")
+        time.sleep(timeout_s + 3)  # rank 0 waits in start-up for longer than the collective timeout
+        ranks.append(start(1))
+        wait_until(lambda: ranks[0].poll() is not None or len(read_records(out)) == 2, RUN_TIMEOUT_S,
+                   "both ranks to start")
+        assert ranks[0].poll() is None, ranks[0].communicate()[0][-3000:]
+        assert_ranks_agree(read_records(out), 2, "torchrun")
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        log, _ = ranks[0].communicate(timeout=RUN_TIMEOUT_S)
+        took_s = time.monotonic() - frozen_at
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert ranks[0].returncode != 0, log[-3000:]
+    [error] = [r for r in read_records_raw(out) if "error" in r]
+    assert error["rank"] == 0 and f"Timed out waiting {timeout_s * 1000}ms" in error["error"], error
+    assert timeout_s <= took_s < timeout_s + 30, took_s

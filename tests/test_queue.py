@@ -73,7 +73,7 @@ def test_restore_onto_another_world_size_keeps_the_newest_entries_in_order():
     _fill(two_ranks, 5)  # entries 0..14 through 12 slots: 3..14 remain
     states = _as_sharded_states(two_ranks, world=2)
     one_rank = NegativeQueues(QueueConfig(size_per_rank=8), E)
-    one_rank.load_state_dict(states)
+    one_rank.redistribute(states)
     assert (one_rank.ptr, one_rank.fill) == (0, 8)
     torch.testing.assert_close(one_rank.entries()[2], torch.arange(7, 15) + 1000)  # the newest 8, oldest first
     one_rank.enqueue(*_keys(5))  # FIFO goes on: 15..17 replace 7..9
@@ -84,5 +84,7 @@ def test_a_single_state_from_another_world_size_is_refused():
     two_ranks = NegativeQueues(QueueConfig(size_per_rank=12), E)
     _fill(two_ranks, 2)
     one_rank = NegativeQueues(QueueConfig(size_per_rank=6), E)
-    with pytest.raises(ValueError, match="all 2 ranks"):
+    with pytest.raises(ValueError, match="does not match this queue.*redistribute"):
         one_rank.load_state_dict(_as_sharded_states(two_ranks, world=2)[0])
+    with pytest.raises(ValueError, match="all 2 ranks"):
+        one_rank.redistribute(_as_sharded_states(two_ranks, world=2)[:1])

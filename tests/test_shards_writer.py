@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_shards.__main__ import main
+from user_dist.atomic import is_temporary
 from data_shards.writer import BuildError, SampleEncoder, ShardWriter, TarShard, sample_json
 from user_dist.data_format import iter_raw_samples, load_manifest, load_npy, verify_checksums
 
@@ -131,4 +132,4 @@ def test_a_full_disk_leaves_no_partial_shard_and_no_manifest(small_disk, capsys)
     assert "No space left on device" in err and f"while writing under {out}" in err
     assert "were removed and no manifest.json was written" in err
     left = [os.path.join(b, n) for b, _, names in os.walk(out) for n in names]
-    assert not [p for p in left if ".partial-" in p or p.endswith("manifest.json")], left
+    assert not [p for p in left if is_temporary(p) or p.endswith("manifest.json")], left

@@ -73,7 +73,7 @@ def final_state(run_dir):
     momentum = torch.load(os.path.join(last, "momentum.pt"), weights_only=True)
     queues = [torch.load(os.path.join(last, "user_state", f"rank_{r:05d}.pt"), weights_only=True)["queue"]
               for r in (0, 1)]
-    return ckpt.load_meta(last), model, momentum, queues
+    return ckpt.CheckpointMeta.read(last), model, momentum, queues
 
 
 def assert_same_tensors(a, b, what):
@@ -164,8 +164,8 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     assert code == 0, out[-3000:]
     assert "written by 1 ranks, on 2" in out and "the negative pool is 128 slots (was 64), 64 entries kept" in out
     meta, *_ = final_state(tmp_path / name)
-    assert (meta["step"], meta["world_size"], meta["global_batch"], meta["zero_stage"]) == (14, 2, 48, 0)
-    assert meta["samples"] == 14 * 48
+    assert (meta.step, meta.world_size, meta.global_batch, meta.zero_stage) == (14, 2, 48, 0)
+    assert meta.samples == 14 * 48
     run_dir = tmp_path / name
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, 15)) and all(v == v for v in loss.values())  # none lost, none NaN
@@ -229,7 +229,7 @@ def test_a_full_disk_stops_the_job_cleanly_and_it_resumes_once_freed(tiny_shards
         "train.max_steps": 8, "train.resume": "auto"}))
     assert code == 0, out[-3000:]
     assert "at step 4 " in out
-    assert ckpt.load_meta(ckpt.latest_checkpoint(root))["step"] == 8
+    assert ckpt.CheckpointMeta.read(ckpt.latest_checkpoint(root)).step == 8
     assert sorted(losses(run_dir)) == list(range(1, 9))
 
 
@@ -258,7 +258,7 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
     assert "to DeepSpeed's universal format" in out and "written by 2 ranks, on 1" in out
     assert os.path.isdir(root / "step_00000004" / "universal")  # converted once, kept with its checkpoint
     last = ckpt.latest_checkpoint(str(root))
-    assert ckpt.load_meta(last)["step"] == 6 and ckpt.load_meta(last)["world_size"] == 1
+    assert ckpt.CheckpointMeta.read(last).step == 6 and ckpt.CheckpointMeta.read(last).world_size == 1
     # Adam's step count went on from 4 (a fresh optimiser would say 2).
     optim = torch.load(os.path.join(last, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu",
                        weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
@@ -295,7 +295,7 @@ def test_a_zero2_run_continues_on_another_number_of_ranks_through_the_universal_
     assert code == 0, out[-3000:]
     assert "written by 1 ranks, on 2" in out
     last = ckpt.latest_checkpoint(str(root))
-    assert ckpt.load_meta(last)["step"] == 8 and ckpt.load_meta(last)["world_size"] == 2
+    assert ckpt.CheckpointMeta.read(last).step == 8 and ckpt.CheckpointMeta.read(last).world_size == 2
     sizes = []
     for r in range(2):
         optim = torch.load(os.path.join(last, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), map_location="cpu",
@@ -331,15 +331,15 @@ def test_preemption_signal_checkpoints_and_exits_zero(tiny_shards, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "stop requested" in out
     latest = ckpt.latest_checkpoint(str(tmp_path / "pre" / "checkpoints"))
-    step = ckpt.load_meta(latest)["step"]
+    step = ckpt.CheckpointMeta.read(latest).step
     assert 3 <= step < 50 * 10
     # A requeued job picks it up.
     code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "pre", **{"train.epochs": 50,
                                                                            "train.max_steps": step + 2,
                                                                            "train.resume": "auto"}))
     assert code == 0, out[-3000:]
-    assert f"step {step}" in out and ckpt.load_meta(ckpt.latest_checkpoint(
-        str(tmp_path / "pre" / "checkpoints")))["step"] == step + 2
+    assert f"step {step}" in out and ckpt.CheckpointMeta.read(ckpt.latest_checkpoint(
+        str(tmp_path / "pre" / "checkpoints"))).step == step + 2
 
 
 def test_bf16_zero2_sharded_accumulation_run_and_evaluate(tiny_shards, tmp_path):
@@ -425,7 +425,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
     # Step 2 ran (and was skipped): the log step after it, step 3, reads the count.
     assert "non-finite loss or gradient: 1 optimiser step(s) skipped by step 3 (1 in all)" in out
     meta, model, momentum, _ = final_state(tmp_path / "nan1")
-    assert meta["step"] == 5 and meta["skipped_nonfinite"] == 1
+    assert meta.step == 5 and meta.skipped_nonfinite == 1
     assert all(torch.isfinite(t).all() for t in [*model.values(), *momentum.values()] if t.is_floating_point())
 
 
@@ -439,7 +439,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_shards,
     assert code == 0, out[-3000:]
     assert "non-finite loss or gradient: 1 optimiser step(s) skipped by step 3 (1 in all)" in out
     meta, model, momentum, queues = final_state(tmp_path / "nan_r1")
-    assert meta["step"] == 4 and meta["skipped_nonfinite"] == 1
+    assert meta.step == 4 and meta.skipped_nonfinite == 1
     assert all(torch.isfinite(t).all() for t in [*model.values(), *momentum.values()] if t.is_floating_point())
     assert all(torch.isfinite(q[k]).all() for q in queues for k in ("image", "text"))
 

@@ -7,8 +7,8 @@ Layout of one checkpoint (see docs/architecture.md):
         model_fp32.pt         online towers, fp32, tensors only (the eval job reads this)
         momentum.pt           key towers, fp32, tensors only
         config.yaml           the run's resolved config
-        meta.json             step, epoch, step_in_epoch, samples, world_size,
-                              global_batch, zero_stage, time
+        meta.json             CheckpointMeta: step, epoch, step_in_epoch, samples,
+                              world_size, global_batch, zero_stage, queue layout, time
         user_state/rank_00000.pt   per rank: queue shard, RNG states, counters
         universal/            only after a ZeRO 1-2 resume on another number of ranks:
                               the engine state in DeepSpeed's universal format
@@ -31,6 +31,7 @@ the checkpoint is trusted (``train.trust_checkpoint``).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -38,13 +39,15 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import distributed as du
+from .atomic import atomic_json, atomic_save, atomic_write
+from .plan import BatchLayout
 
 TAG_PREFIX = "step_"
 UNIVERSAL = "universal"  # step_X/universal: the ZeRO state converted for another number of ranks
@@ -65,39 +68,13 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def _atomic_write(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)  # a full disk leaves no half-written file behind
-        raise
-
-
 def write_pointer(path: str, tag: str) -> None:
     """Point a name (``latest``, ``best``) at a checkpoint tag, atomically."""
-    _atomic_write(path, tag)
+    atomic_write(path, tag)
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+def _torch_save(obj: Any, path: str) -> None:
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 def require_complete(ckpt_dir: str) -> None:
@@ -129,6 +106,66 @@ def latest_checkpoint(ckpt_root: str) -> Optional[str]:
     be updated after it (a crash, a full disk)."""
     done = list_checkpoints(ckpt_root)
     return done[-1] if done else None
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``meta.json``: where a run stood and how it was laid out when it saved.
+
+    Written by :func:`save_checkpoint` and read by :meth:`read` only. The
+    layout fields tell a resume what it may continue on (the same global
+    batch; ZeRO 0 or ZeRO 1-2; the queue's layout).
+    """
+
+    step: int  # optimiser steps done
+    epoch: int
+    step_in_epoch: int
+    world_size: int  # ranks that wrote it
+    global_batch: int  # ranks x train.batch_size x train.grad_accum
+    zero_stage: int  # the stage in force (after any DeepSpeed JSON override)
+    queue_size_per_rank: int
+    queue_mode: str
+    skipped_nonfinite: int = 0
+    samples: int = 0  # pairs trained on: step x global_batch
+    best_rsum: Optional[float] = None  # best validation rsum so far
+    best_tag: str = ""  # the checkpoint that scored it
+    data_fingerprint: Optional[Dict[str, Any]] = None  # the data stream's parameters (a change is reported)
+    time: float = 0.0  # when it was written (time.time())
+
+    def write(self, ckpt_dir: str) -> None:
+        atomic_json(os.path.join(ckpt_dir, "meta.json"), dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, ckpt_dir: str) -> "CheckpointMeta":
+        """The meta of a complete checkpoint. Checkpoints older than the
+        layout fields get them from their config.yaml (plain YAML, loaded
+        safely); keys this version does not know are ignored."""
+        with open(os.path.join(ckpt_dir, "meta.json")) as f:
+            raw = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        missing = {"global_batch", "zero_stage", "queue_size_per_rank", "queue_mode"} - values.keys()
+        if missing:
+            values.update({k: v for k, v in _layout_from_config(ckpt_dir, int(raw["world_size"])).items()
+                           if k in missing})
+        return cls(**values)
+
+
+def _layout_from_config(ckpt_dir: str, world_size: int) -> Dict[str, Any]:
+    """The layout fields of an older checkpoint, from its config.yaml."""
+    from omegaconf import OmegaConf  # plain YAML (config.to_yaml), loaded safely
+
+    saved = OmegaConf.load(os.path.join(ckpt_dir, "config.yaml"))
+    train, queue = saved.get("train", {}), saved.get("queue", {})
+    zero = int(train.get("zero_stage", 0))
+    # A DeepSpeed JSON override may have raised the stage: ZeRO 1-2 leave
+    # per-rank optimiser partitions behind, whatever the YAML said.
+    if zero == 0 and any(n.endswith("optim_states.pt") for n in os.listdir(ckpt_dir)):
+        zero = 1
+    layout = BatchLayout(world_size, int(train.get("batch_size", 0)), int(train.get("grad_accum", 1)))
+    return {"global_batch": layout.global_batch,
+            "zero_stage": zero, "queue_size_per_rank": int(queue.get("size_per_rank", 0)),
+            "queue_mode": str(queue.get("mode", "replicated"))}
 
 
 # --------------------------------------------------------------------------- RNG
@@ -227,7 +264,7 @@ def _mb(n: float) -> str:
     return f"{n / 2 ** 20:,.1f} MB"
 
 
-def check_free_space(ckpt_root: str, tag: str, need: int, device) -> None:
+def check_free_space(ckpt_root: str, tag: str, need: int) -> None:
     """Refuse a save that would not fit, before anything is written, on every
     rank alike (one all-reduce, also when a rank cannot even look). Each rank
     checks the file system it writes to. Raises CheckpointSaveError."""
@@ -237,11 +274,7 @@ def check_free_space(ckpt_root: str, tag: str, need: int, device) -> None:
         free = shutil.disk_usage(ckpt_root).free
     except OSError as exc:  # e.g. a stale network mount: still take part in the all-reduce
         error = exc
-    flags = torch.tensor([int(error is None and free < need), int(error is not None)], dtype=torch.int32)
-    if du.world_size() > 1:
-        flags = flags.to(device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    short, failed = (int(v) for v in flags.tolist())
+    short, failed = du.agree([error is None and free < need, error is not None], "any").tolist()
     if not (short or failed):
         return
     newest = _newest_or_none(ckpt_root)
@@ -267,13 +300,13 @@ def _newest_or_none(ckpt_root: str) -> str:
         return f"unknown ({exc})"
 
 
-def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], config_yaml: str,
+def save_checkpoint(run_dir: str, engine, *, meta: CheckpointMeta, config_yaml: str,
                     momentum_state: Dict[str, torch.Tensor], rank_state: Dict[str, Any],
                     keep_last: int, keep_tags: tuple = ()) -> str:
     """Write one checkpoint atomically. Call on every rank.
 
     Args:
-        meta: JSON-able run position (epoch, step_in_epoch, samples ...).
+        meta: the run's position and layout (its ``time`` is set here).
         momentum_state: key towers' state_dict (identical on every rank).
         rank_state: this rank's own state (queue shard, counters); RNG added here.
         keep_last: how many step checkpoints to keep (plus ``keep_tags``).
@@ -286,7 +319,7 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
             still finds the newest complete one.
     """
     root = os.path.join(run_dir, "checkpoints")
-    tag = tag_for(step)
+    tag = tag_for(meta.step)
     tmp_tag = tag + ".tmp"
     final = os.path.join(root, tag)
     tmp = os.path.join(root, tmp_tag)
@@ -295,10 +328,10 @@ def save_checkpoint(run_dir: str, engine, *, step: int, meta: Dict[str, Any], co
         if os.path.exists(tmp):  # left by a crash during an earlier save
             shutil.rmtree(tmp)
     du.barrier()
-    check_free_space(root, tag, estimate_bytes(root, engine), engine.device)
+    check_free_space(root, tag, estimate_bytes(root, engine))
     try:
         try:
-            return _write(root, tag, tmp, final, engine, step, meta, config_yaml, momentum_state, rank_state,
+            return _write(root, tag, tmp, final, engine, meta, config_yaml, momentum_state, rank_state,
                           keep_last, keep_tags)
         except RuntimeError as exc:
             raise _as_write_error(exc, root) from exc
@@ -327,7 +360,7 @@ def _as_write_error(exc: RuntimeError, root: str) -> BaseException:
                    f"{os.strerror(errno.ENOSPC) if full else 'write failed'} ({text.strip().splitlines()[0]})")
 
 
-def _write(root: str, tag: str, tmp: str, final: str, engine, step: int, meta: Dict[str, Any], config_yaml: str,
+def _write(root: str, tag: str, tmp: str, final: str, engine, meta: CheckpointMeta, config_yaml: str,
            momentum_state: Dict[str, torch.Tensor], rank_state: Dict[str, Any], keep_last: int,
            keep_tags: tuple) -> str:
     tmp_tag = os.path.basename(tmp)
@@ -338,16 +371,15 @@ def _write(root: str, tag: str, tmp: str, final: str, engine, step: int, meta: D
     engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
     state = dict(rank_state)
     state["rng"] = rng_state()
-    _atomic_torch_save(state, os.path.join(tmp, "user_state", f"rank_{du.rank():05d}.pt"))
+    _torch_save(state, os.path.join(tmp, "user_state", f"rank_{du.rank():05d}.pt"))
     if du.is_main():
-        _atomic_torch_save(model_fp32, os.path.join(tmp, "model_fp32.pt"))
-        _atomic_torch_save(momentum_state, os.path.join(tmp, "momentum.pt"))
-        _atomic_write(os.path.join(tmp, "config.yaml"), config_yaml)
-        full_meta = dict(meta, step=step, world_size=du.world_size(), time=time.time())
-        _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(full_meta, indent=1))
+        _torch_save(model_fp32, os.path.join(tmp, "model_fp32.pt"))
+        _torch_save(momentum_state, os.path.join(tmp, "momentum.pt"))
+        atomic_write(os.path.join(tmp, "config.yaml"), config_yaml)
+        dataclasses.replace(meta, time=time.time()).write(tmp)
     du.barrier()  # every rank's files are on disk
     if du.is_main():
-        _atomic_write(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "epoch": meta.get("epoch")}))
+        atomic_json(os.path.join(tmp, "COMPLETE"), {"step": meta.step, "epoch": meta.epoch}, indent=None)
         if os.path.exists(final):  # same step saved twice (e.g. preemption at an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)  # from here on the checkpoint is complete and found by latest_checkpoint
@@ -376,59 +408,28 @@ def prune(ckpt_root: str, keep_last: int, keep_tags: tuple = ()) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def load_meta(ckpt_dir: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt_dir, "meta.json")) as f:
-        return json.load(f)
+def load_checkpoint(ckpt_dir: str, engine, *, meta: Optional[CheckpointMeta] = None, universal: bool = False,
+                    trusted: bool = False) -> Dict[str, Any]:
+    """Restore the engine from ``ckpt_dir``; return its meta and momentum state.
 
+    Which ranks' own states (queue, RNG) a job reads is the resume plan's
+    business (user_dist.resume): :func:`load_rank_state`,
+    :func:`load_queue_states`. ``universal`` (an engine built with
+    ``checkpoint.load_universal``): the ZeRO 1-2 engine state is read
+    through DeepSpeed's universal format (:func:`to_universal`). Unless
+    ``trusted``, every file is first checked to load without running code
+    (:func:`check_loads_without_code`; ResumeError otherwise). ``meta``: the
+    checkpoint's, if the caller has read it already. Collective.
 
-def saved_layout(ckpt_dir: str, meta: Dict[str, Any]) -> Dict[str, int]:
-    """How the run that wrote ``ckpt_dir`` was laid out: world_size,
-    global_batch (ranks x batch_size x grad_accum) and zero_stage (in force).
-    From meta.json; checkpoints older than those fields: from config.yaml."""
-    out = {"world_size": int(meta["world_size"])}
-    if "global_batch" in meta and "zero_stage" in meta:
-        out.update(global_batch=int(meta["global_batch"]), zero_stage=int(meta["zero_stage"]))
-        return out
-    from omegaconf import OmegaConf  # plain YAML (config.to_yaml), loaded safely
-
-    train = OmegaConf.load(os.path.join(ckpt_dir, "config.yaml")).train
-    zero = int(train["zero_stage"])
-    # A DeepSpeed JSON override may have raised the stage: ZeRO 1-2 leave
-    # per-rank optimiser partitions behind, whatever the YAML said.
-    if zero == 0 and any(n.endswith("optim_states.pt") for n in os.listdir(ckpt_dir)):
-        zero = 1
-    out.update(global_batch=out["world_size"] * int(train["batch_size"]) * int(train["grad_accum"]),
-               zero_stage=zero)
-    return out
-
-
-def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
-                    universal: bool = False, trusted: bool = False) -> Dict[str, Any]:
-    """Restore the engine and return meta, momentum state and this rank's state.
-
-    A checkpoint written by another number of ranks raises a clear error
-    unless ``reshard`` (the caller has checked that it may: see
-    ``Trainer._restore``). Then ``rank_state`` holds no RNG state and its
-    ``queue`` is the list of the saving ranks' queue states (rank order), for
-    ``NegativeQueues.load_state_dict`` to lay out afresh. ``universal`` (an
-    engine built with ``checkpoint.load_universal``): the ZeRO 1-2 engine
-    state is read through DeepSpeed's universal format (:func:`to_universal`).
-    Unless ``trusted``, every file is first checked to load without running
-    code (:func:`check_loads_without_code`; ResumeError otherwise).
+    Returns: ``{"meta": CheckpointMeta, "momentum": state_dict}``.
     """
     require_complete(ckpt_dir)
     if not trusted:
-        check_loads_without_code(ckpt_dir, engine.device)
-    meta = load_meta(ckpt_dir)
-    saved_world = int(meta["world_size"])
-    if saved_world != du.world_size() and not reshard:
-        raise RuntimeError(
-            f"{ckpt_dir} was written by {saved_world} ranks but this job has {du.world_size()}: "
-            "queue shards and data positions are per rank. Resume with the same number of processes "
-            "(see docs/training.md)")
+        check_loads_without_code(ckpt_dir)
+    meta = meta or CheckpointMeta.read(ckpt_dir)
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if universal:
-        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, saved_world, engine.device))
+        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, meta.world_size))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
@@ -441,14 +442,10 @@ def load_checkpoint(ckpt_dir: str, engine, *, reshard: bool = False,
                 if name in weights:
                     buf.copy_(weights[name])
     momentum = torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
-    if saved_world == du.world_size():
-        rank_state = _load_rank_state(ckpt_dir, du.rank())
-    else:
-        rank_state = {"queue": load_queue_states(ckpt_dir, saved_world), "rng": None}
-    return {"meta": meta, "momentum": momentum, "rank_state": rank_state}
+    return {"meta": meta, "momentum": momentum}
 
 
-def to_universal(ckpt_dir: str, saved_world: int, device=None) -> str:
+def to_universal(ckpt_dir: str, saved_world: int) -> str:
     """``ckpt_dir/universal``: the ZeRO 1-2 engine state in DeepSpeed's universal
     format (optimiser state per parameter, loadable on any number of ranks).
 
@@ -460,13 +457,12 @@ def to_universal(ckpt_dir: str, saved_world: int, device=None) -> str:
     """
     out = os.path.join(ckpt_dir, UNIVERSAL)
     _on_rank0_for_all(lambda: "" if os.path.isdir(out) else _convert_to_universal(ckpt_dir, out, saved_world),
-                      device,
                       f"converting {ckpt_dir} to DeepSpeed's universal format",
                       f"rank 0 could not convert {ckpt_dir} to DeepSpeed's universal format; its log says why")
     return out
 
 
-def _on_rank0_for_all(check, device, what: str, others: str) -> None:
+def _on_rank0_for_all(check, what: str, others: str) -> None:
     """Run ``check()`` (-> '' or what went wrong) on rank 0 while the other
     ranks wait in one all-reduce; then every rank raises ResumeError (rank 0
     with the message, the others with ``others``) or none does. Any exception
@@ -477,11 +473,7 @@ def _on_rank0_for_all(check, device, what: str, others: str) -> None:
             error = check()
         except Exception as exc:  # anything: the other ranks are waiting in the all-reduce below
             error = f"{what} failed: {exc!r}"
-    failed = torch.tensor([int(bool(error))], dtype=torch.int32)
-    if du.world_size() > 1:
-        failed = failed.to(device if device is not None else "cpu")
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if int(failed.item()):
+    if du.agree([bool(error)], "any").item():
         raise ResumeError(error or others)
 
 
@@ -522,7 +514,7 @@ def unsafe_files(ckpt_dir: str) -> List[str]:
     return bad
 
 
-def check_loads_without_code(ckpt_dir: str, device=None) -> None:
+def check_loads_without_code(ckpt_dir: str) -> None:
     """Refuse (ResumeError, on every rank) a checkpoint whose files would run
     code of their own when DeepSpeed unpickles them. Collective; rank 0 reads."""
     def check() -> str:
@@ -533,7 +525,7 @@ def check_loads_without_code(ckpt_dir: str, device=None) -> None:
                 f"could run code: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. Resume only from "
                 "checkpoints you trust; if you made this one (another DeepSpeed version can pickle other "
                 "classes), set train.trust_checkpoint=true")
-    _on_rank0_for_all(check, device, f"checking {ckpt_dir} before loading",
+    _on_rank0_for_all(check, f"checking {ckpt_dir} before loading",
                       f"rank 0 refused to load {ckpt_dir}; its log says why")
 
 
@@ -587,13 +579,13 @@ def load_queue_states(ckpt_dir: str, saved_world: int) -> List[Dict[str, Any]]:
     """The saving ranks' queue states in rank order, for
     ``NegativeQueues.load_state_dict`` to lay out afresh (another world size,
     size or mode). A replicated queue is whole on every rank: rank 0's is enough."""
-    first = _load_rank_state(ckpt_dir, 0)["queue"]
+    first = load_rank_state(ckpt_dir, 0)["queue"]
     if first["mode"] == "replicated":
         return [first]
-    return [first] + [_load_rank_state(ckpt_dir, r)["queue"] for r in range(1, saved_world)]
+    return [first] + [load_rank_state(ckpt_dir, r)["queue"] for r in range(1, saved_world)]
 
 
-def _load_rank_state(ckpt_dir: str, rank: int) -> Dict[str, Any]:
+def load_rank_state(ckpt_dir: str, rank: int) -> Dict[str, Any]:
     path = os.path.join(ckpt_dir, "user_state", f"rank_{rank:05d}.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is incomplete; pick another checkpoint")

@@ -317,7 +317,8 @@ class TrainConfig:
         "and zero_stage=0. Compiling costs minutes at start-up.",
         choices=("none", "default", "reduce-overhead", "max-autotune"))
     deepspeed_config: str = opt("", "optional DeepSpeed JSON file whose keys override the derived config")
-    dist_timeout_s: int = opt(600, "process-group timeout (seconds): how fast a dead peer is noticed", gt=0)
+    dist_timeout_s: int = opt(600, "collective timeout (seconds): how fast a dead peer is noticed; start-up waits "
+                                   "at least 10 min for every rank (distributed.CONNECT_TIMEOUT_S)", gt=0)
 
 
 @dataclass

@@ -6,9 +6,36 @@ every overridden key is reported so that nothing disagrees silently.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Dict, List, Tuple
 
 from .config import Config, ConfigError
+from .plan import BatchLayout
+
+log = logging.getLogger("user_dist")
+
+
+def resolve(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed config a job runs with: derived, then the user's JSON on
+    top (each overridden key logged). Raises ConfigError for what DeepSpeed
+    would refuse from deep inside (fp16 where the accelerator has none)."""
+    ds, diff = with_user_override(derive(cfg, world_size), cfg.train.deepspeed_config)
+    for line in diff:
+        log.warning("deepspeed_config override: %s", line)
+    if ds.get("fp16", {}).get("enabled"):
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():  # else a ValueError from deep inside DeepSpeed
+            raise ConfigError(
+                f"train.precision=fp16, but DeepSpeed's {get_accelerator().device_name()} accelerator reports "
+                "no fp16 support here (most CPUs; GPUs before compute capability 7.0). Use "
+                "train.precision=bf16 where the device has it, or fp32")
+    return ds
+
+
+def zero_stage(ds: Dict[str, Any]) -> int:
+    """The ZeRO stage a (final) DeepSpeed config runs with."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
@@ -17,7 +44,7 @@ def derive(cfg: Config, world_size: int) -> Dict[str, Any]:
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "train_batch_size": BatchLayout.of(t, world_size).global_batch,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         # bf16 runs under torch autocast: parameters, gradients and optimiser
@@ -38,7 +65,7 @@ def step_owns_optimizer(ds: Dict[str, Any]) -> bool:
     loss-scaling wrapper DeepSpeed drives). ``ds`` is the final config, after
     the user's override. Then the step clips (``take_clipping``) and skips
     non-finite steps on the device (user_dist.nonfinite)."""
-    return ds.get("zero_optimization", {}).get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled", False)
+    return zero_stage(ds) == 0 and not ds.get("fp16", {}).get("enabled", False)
 
 
 def take_clipping(ds: Dict[str, Any]) -> float:

@@ -107,9 +107,19 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# How long start-up waits for the slowest rank to join (rendezvous, then
+# gloo/nccl connecting every pair of ranks), whatever the collective timeout:
+# ranks reach it far apart on a loaded machine or a busy cluster (imports,
+# DeepSpeed's op build under its file lock, a slow node).
+CONNECT_TIMEOUT_S = 600
+
+
 def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEnv:
     """Start the process group for this process (no-op for a single process).
 
+    ``timeout_s`` bounds every collective (how fast a dead or frozen peer is
+    noticed); start-up waits up to ``max(timeout_s, CONNECT_TIMEOUT_S)`` for
+    the other ranks.
     Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed and any
     library that reads the environment agree with what was discovered.
     """
@@ -123,14 +133,16 @@ def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEn
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(de.local_rank % torch.cuda.device_count())
-    timeout = datetime.timedelta(seconds=timeout_s)
+    connect = datetime.timedelta(seconds=max(timeout_s, CONNECT_TIMEOUT_S))
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=connect)
         _unlink_shm_buffer(de.rank)
     else:
-        dist.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size, timeout=timeout)
+        dist.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size, timeout=connect)
+    # Every rank has joined: from here on a collective waits timeout_s at most.
+    dist.set_timeout(datetime.timedelta(seconds=timeout_s))
     return de
 
 
@@ -178,6 +190,40 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must be for this process group's collectives: the
+    current CUDA device under nccl (it reduces only CUDA tensors), the CPU
+    under gloo or without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(flags, op: str = "any") -> torch.Tensor:
+    """Combine per-rank flags so that every rank takes the same decision.
+
+    Args:
+        flags: a bool/int tensor (any device, any shape) or a sequence of
+            bools/ints; element-wise.
+        op: 'any' (true where any rank's flag is) or 'all' (true where every
+            rank's is).
+    Returns: an int32 tensor of the flags' shape, on the device the flags'
+        tensor was on (a sequence: the CPU). Collective; it makes the host
+        wait only when the caller reads the result (``bool(...)``,
+        ``.tolist()``), so a device-side decision stays asynchronous.
+    """
+    if op not in ("any", "all"):
+        raise ValueError(f"agree: op must be 'any' or 'all', got {op!r}")
+    home = flags.device if torch.is_tensor(flags) else torch.device("cpu")
+    t = flags.to(torch.int32) if torch.is_tensor(flags) else torch.tensor(list(flags), dtype=torch.int32)
+    if world_size() == 1:
+        return t
+    wire = collective_device()
+    t = t.to(wire)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN)
+    return t.to(home)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 from user_dist.config import LossConfig
 from user_dist.distributed import all_gather_nograd, all_gather_with_grad, rank, world_size
@@ -102,8 +102,12 @@ def _queue_soft(q_local: torch.Tensor, q_all: Optional[torch.Tensor], q_ids_loca
     zmax = parts.zmax.clone()
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX)  # (2, W*B): global max, a constant shift
     shift = zmax.clamp(min=0)
-    # One differentiable all-reduce: the sums of exps (with grad) and the counts.
-    summed = dist_fn.all_reduce(torch.stack([parts.sumexp(shift), parts.active, parts.count]))  # (3, 2, W*B)
+    # One differentiable all-reduce (its backward sums the gradients over ranks):
+    # the sums of exps and the counts. Functional collectives, as torch 2.14
+    # asks (torch.distributed.nn.functional is deprecated); waited at once, or
+    # its slices would stay AsyncCollectiveTensors.
+    stacked = torch.stack([parts.sumexp(shift), parts.active, parts.count])  # (3, 2, W*B)
+    summed = funcol.wait_tensor(funcol.all_reduce(stacked, "sum", dist.group.WORLD))
     mine = slice(rank() * B, (rank() + 1) * B)
     soft = _soft_from(summed[0], shift, mu)
     return soft[:, mine], (zmax / mu + gamma)[:, mine], summed[1, :, mine].detach(), summed[2, :, mine].detach()

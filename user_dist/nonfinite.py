@@ -12,20 +12,30 @@ The host reads the counts only where it already waits (log steps,
 checkpoints): ``read()``.
 
 Used for ZeRO 0 without fp16, where the step owns the optimiser call. ZeRO 1-2
-and fp16 go through DeepSpeed's own optimiser wrappers; there the trainer
-checks the loss on the host and skips the micro-batch instead
-(docs/training.md).
+and fp16 go through DeepSpeed's own optimiser wrappers; there the step checks
+the loss on the host and drops the micro-batch instead (:class:`HostSkips`,
+docs/training.md).
+
+Either way one :class:`SkipPolicy` counts the skips, reports them and ends the
+run after ``train.max_nonfinite_in_a_row`` in a row, with one message.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import logging
+from typing import Tuple, Union
 
 import torch
-import torch.distributed as dist
+
+from . import distributed as du
+
+log = logging.getLogger("user_dist")
 
 
 class DeviceSkips:
     """Device-side flags and counters of non-finite steps.
+
+    What it skips: optimiser steps (their loss or gradient norm was not
+    finite); the run's position still advances over them.
 
     Per accumulation window: ``window`` (0-d bool), set when any micro-batch's
     loss (or the window's gradient norm) was not finite on any rank.
@@ -34,8 +44,10 @@ class DeviceSkips:
     the longest run since start.
     """
 
-    def __init__(self, device: torch.device, world: int):
-        self.world = world
+    unit = "optimiser step(s)"
+    exact = False  # read at log steps, after the fact: "by step N"
+
+    def __init__(self, device: torch.device):
         self.window = torch.zeros((), dtype=torch.bool, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.counts = torch.zeros(3, dtype=torch.int64, device=device)
@@ -45,10 +57,7 @@ class DeviceSkips:
         """Whether ``loss`` is finite on every rank: a 0-d bool tensor, the same
         on every rank (one all-reduce, asynchronous to the host on NCCL).
         Collective. A False marks the window."""
-        ok = torch.isfinite(loss.detach()).to(torch.int32)
-        if self.world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        ok = ok.bool()
+        ok = du.agree(torch.isfinite(loss.detach()), "all").bool()
         self.window |= ~ok
         return ok
 
@@ -77,3 +86,70 @@ class DeviceSkips:
         """(steps skipped since start, longest run of them): waits for the device."""
         skipped, longest = self.counts[[0, 2]].tolist()
         return int(skipped), int(longest)
+
+
+class HostSkips:
+    """Host-side counts of micro-batches dropped for a non-finite loss, where
+    DeepSpeed's optimiser wrappers own the step (ZeRO 1-2, fp16): the loss is
+    checked before the backward, on every rank alike, and a bad micro-batch
+    never reaches the optimiser. The same interface as :class:`DeviceSkips`;
+    a dropped micro-batch does not count towards the optimiser step."""
+
+    unit = "micro-batch(es)"
+    exact = True  # known at once: "at step N"
+
+    def __init__(self) -> None:
+        self.skipped = self.run = self.longest = 0
+
+    def check_loss(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every rank (a host read; collective)."""
+        ok = bool(du.agree(torch.isfinite(loss.detach()), "all"))
+        self.run = 0 if ok else self.run + 1
+        self.skipped += not ok
+        self.longest = max(self.longest, self.run)
+        return ok
+
+    def check_norm(self, norm: torch.Tensor) -> None:
+        """Nothing to do: DeepSpeed's wrappers skip a step whose gradients overflow."""
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def read(self) -> Tuple[int, int]:
+        """(micro-batches dropped since start, longest run of them)."""
+        return self.skipped, self.longest
+
+
+class SkipPolicy:
+    """One counter and one limit for everything skipped for non-finite values.
+
+    ``update`` folds what ``counts`` (a :class:`DeviceSkips` or
+    :class:`HostSkips`) has seen into the run's total, reports new skips,
+    and raises FloatingPointError once ``limit`` came in a row.
+
+    Args:
+        done_before: skips counted by earlier processes of the run (a resume).
+    """
+
+    def __init__(self, counts: Union[DeviceSkips, HostSkips], limit: int, done_before: int = 0):
+        self.counts, self.limit = counts, limit
+        self._base = self.total = done_before
+
+    def update(self, step: int, stop: bool = True) -> int:
+        """The run's total after folding in the new skips (logged); with
+        ``stop``, raise after ``limit`` in a row. Reading device counts waits
+        for the device: call where the host waits anyway (log steps, saves)."""
+        skipped, longest = self.counts.read()
+        new = self._base + skipped - self.total
+        if new > 0:
+            self.total += new
+            log.warning("non-finite loss or gradient: %d %s skipped by step %d (%d in all)", new,
+                        self.counts.unit, step, self.total)
+        if stop and longest >= self.limit:
+            raise FloatingPointError(
+                f"{longest} non-finite losses in a row {'at' if self.counts.exact else 'by'} step {step}: "
+                "stopping. Lower optim.lr, check the data (data.on_error) or use train.precision=fp32")
+        return self.total

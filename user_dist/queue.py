@@ -187,30 +187,30 @@ class NegativeQueues:
                 "ptr": self.ptr, "fill": self.fill, "mode": self.mode, "world_size": self.world,
                 "rank": self.rank, "size_per_rank": self.size_per_rank}
 
-    def load_state_dict(self, state: Union[Dict[str, object], Sequence[Dict[str, object]]]) -> None:
-        """Restore from this rank's own state, or redistribute from every rank's.
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore this rank's own state, saved by a job of the same layout
+        (world size, size_per_rank, mode); ValueError otherwise, saying so.
+        Another layout goes through :meth:`redistribute`."""
+        if (state["world_size"], state["size_per_rank"], state["mode"]) != (self.world, self.size_per_rank,
+                                                                            self.mode):
+            raise ValueError(f"queue state of {state['world_size']} ranks x {state['size_per_rank']} slots "
+                             f"({state['mode']}) does not match this queue ({self.world} x {self.size_per_rank}, "
+                             f"{self.mode}); lay it out afresh with redistribute()")
+        self._check_layout(state)
+        dev = self.image.device
+        self.image.copy_(state["image"].to(dev))
+        self.text.copy_(state["text"].to(dev))
+        self.ids.copy_(state["ids"].to(dev))
+        self.ptr, self.fill = int(state["ptr"]), int(state["fill"])
 
-        Same world size, size and mode: pass this rank's state. Otherwise pass
-        the list of all ranks' states (rank order, the ranks of the job that
-        saved them): the newest min(fill, new pool size) entries are laid out
-        afresh in the new ring, in FIFO order. A single state that does not
-        match this job raises ValueError saying so.
+    def redistribute(self, states: Sequence[Dict[str, object]]) -> None:
+        """Lay out afresh the pool of another layout (world size, size or mode).
+
+        ``states``: the saving job's queue states in rank order (a replicated
+        queue: rank 0's alone is enough). The newest min(fill, new pool size)
+        entries are laid out in the new ring, in FIFO order.
         """
-        states = list(state) if isinstance(state, (list, tuple)) else [state]
-        first = states[0]
-        same = (first["world_size"] == self.world and first["size_per_rank"] == self.size_per_rank
-                and first["mode"] == self.mode)
-        if same and len(states) == 1:
-            self._check_layout(first)
-            dev = self.image.device
-            self.image.copy_(first["image"].to(dev))
-            self.text.copy_(first["text"].to(dev))
-            self.ids.copy_(first["ids"].to(dev))
-            self.ptr, self.fill = int(first["ptr"]), int(first["fill"])
-            return
-        if same:  # every rank's states, same layout: take this rank's own
-            return self.load_state_dict(states[self.rank] if self.mode == "sharded" else first)
-        image, text, ids = self._fifo_pool(states)
+        image, text, ids = self._fifo_pool(list(states))
         self._lay_out(image, text, ids)
 
     def _check_layout(self, s: Dict[str, object]) -> None:

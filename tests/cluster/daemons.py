@@ -10,6 +10,7 @@ children behind; it never touches anything else on the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -17,9 +18,36 @@ from typing import Callable, List, Optional, Sequence
 
 MARK = "USER_DIST_HARNESS"
 
+# The Debian packages behind every program the harness starts, in one command
+# (.ci/run runs it; a machine without them skips the cluster tests, naming it).
+INSTALL_COMMAND = "apt-get install -y slurmctld slurmd slurm-client munge openssh-server pdsh iproute2"
+SLURM_TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol",
+               "scancel")
+NETNS_TOOLS = ("ip", "nsenter")
+PDSH_TOOLS = NETNS_TOOLS + ("pdsh", "/usr/sbin/sshd", "ssh", "ssh-keygen")
+
 
 class HarnessError(RuntimeError):
     """A daemon did not start, or a wait ran out; the message says which and where its log is."""
+
+
+def missing_tools(tools: Sequence[str]) -> Optional[str]:
+    """Why the harness cannot start ``tools`` on this machine (one line, naming
+    the install command), or None when it can. It runs them as root: Slurm's
+    daemons run as SlurmUser=root, and network namespaces need it."""
+    absent = [os.path.basename(t) for t in tools if shutil.which(t) is None]
+    if absent:
+        return f"{', '.join(absent)} not found; install with: {INSTALL_COMMAND}"
+    if os.geteuid() != 0:
+        return "the cluster harness runs as root (Slurm daemons as SlurmUser=root, network namespaces)"
+    return None
+
+
+def check_tools(tools: Sequence[str]) -> None:
+    """Raise HarnessError naming what is missing (see :func:`missing_tools`)."""
+    problem = missing_tools(tools)
+    if problem:
+        raise HarnessError(problem)
 
 
 def wait_until(check: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2,

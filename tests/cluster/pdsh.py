@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence
 
-from tests.cluster.daemons import MARK, Daemon, HarnessError, kill_marked, run, wait_until
+from tests.cluster.daemons import MARK, NETNS_TOOLS, Daemon, check_tools, kill_marked, run, wait_until
 
 SSHD = "/usr/sbin/sshd"
 LINK = "clus0"  # the veth end's name inside each namespace
@@ -53,9 +53,7 @@ class SshServer:
 
     def __init__(self, root: str, address: str, port: int, client_key: str, env: dict, mark: str,
                  netns: Optional[str] = None):
-        for tool in (SSHD, "ssh-keygen", "ssh"):
-            if shutil.which(tool) is None:
-                raise HarnessError(f"{tool} not found: apt-get install openssh-server")
+        check_tools((SSHD, "ssh-keygen", "ssh"))
         self.address, self.port, self.netns = address, port, netns
         name = f"sshd-{address}-{port}"
         host_key = generate_key(os.path.join(root, f"{name}.hostkey"), env)
@@ -85,10 +83,7 @@ class NetnsPair:
     """Two network namespaces joined by a veth pair (root only)."""
 
     def __init__(self, env: dict):
-        if os.geteuid() != 0:
-            raise HarnessError("network namespaces need root (ip netns add)")
-        if shutil.which("ip") is None or shutil.which("nsenter") is None:
-            raise HarnessError("ip/nsenter not found: apt-get install iproute2 util-linux")
+        check_tools(NETNS_TOOLS)
         n = f"{os.getpid() % 100000}{next(_serial)}"
         self.names = [f"udh1-{n}", f"udh2-{n}"]
         self.addresses = [f"{SUBNET}.1", f"{SUBNET}.2"]

@@ -21,7 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from tests.cluster.daemons import MARK, Daemon, HarnessError, kill_marked, run, tail, wait_until
+from tests.cluster.daemons import (MARK, SLURM_TOOLS, Daemon, HarnessError, check_tools, kill_marked, run, tail,
+                                   wait_until)
 
 NODES = ("127.0.0.1", "127.0.0.2")
 CPUS_PER_NODE = 2
@@ -98,9 +99,7 @@ class SlurmCluster:
 
     # -- life cycle -------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> "SlurmCluster":
-        for tool in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch"):
-            if shutil.which(tool) is None:
-                raise HarnessError(f"{tool} not found: apt-get install slurmctld slurmd slurm-client munge")
+        check_tools(SLURM_TOOLS)
         try:
             self._write_config()
             self._start_munge(timeout_s)

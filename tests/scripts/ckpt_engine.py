@@ -37,9 +37,8 @@ def main():
     start = 0
     if resume:
         path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-        state = ckpt.load_checkpoint(path, engine)
-        start = state["meta"]["step"]
-        assert state["rank_state"]["queue"]["owner"] == du.rank()
+        start = ckpt.load_checkpoint(path, engine)["meta"].step
+        assert ckpt.load_rank_state(path, du.rank())["queue"]["owner"] == du.rank()
         print(f"resumed {start}", flush=True)
     g = torch.Generator().manual_seed(1 + du.rank())
     for step in range(start + 1, start + n + 1):
@@ -47,7 +46,10 @@ def main():
         loss = engine(x).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
-        ckpt.save_checkpoint(run_dir, engine, step=step, meta={"epoch": 0, "step_in_epoch": step},
+        meta = ckpt.CheckpointMeta(step=step, epoch=0, step_in_epoch=step, world_size=du.world_size(),
+                                   global_batch=4 * du.world_size(), zero_stage=engine.zero_optimization_stage(),
+                                   queue_size_per_rank=4, queue_mode="replicated")
+        ckpt.save_checkpoint(run_dir, engine, meta=meta,
                              config_yaml="train: {}\n", momentum_state={"w": torch.full((3,), float(step))},
                              rank_state={"queue": {"owner": du.rank(), "step": step}}, keep_last=2)
         if du.is_main():

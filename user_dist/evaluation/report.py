@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from user_dist.atomic import atomic_write
 from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, METRIC_KEYS, i2t_ranks, recall_curve, t2i_ranks
 
 TOP = 5
@@ -152,7 +152,4 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
 
 def write_report(path: str, *args, **kwargs) -> None:
     """render_html(...) written atomically to ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_html(*args, **kwargs))
-    os.replace(tmp, path)
+    atomic_write(path, render_html(*args, **kwargs))
