@@ -118,7 +118,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     assert [full[s] for s in range(1, 13)] == [cut[s] for s in range(1, 13)]
     meta_a, model_a, mom_a, q_a = final_state(tmp_path / "full")
     meta_b, model_b, mom_b, q_b = final_state(cut_dir)
-    assert meta_a["step"] == meta_b["step"] == 12 and meta_a["epoch"] == meta_b["epoch"] == 1
+    assert meta_a.step == meta_b.step == 12 and meta_a.epoch == meta_b.epoch == 1
     assert_same_tensors(model_a, model_b, "online towers")
     assert_same_tensors(mom_a, mom_b, "momentum towers")
     for r in (0, 1):
