@@ -153,7 +153,8 @@ class DataConfig:
                     choices=("regions", "jpg"))
     num_workers: int = opt(2, "loader worker processes per rank", ge=0)
     shuffle_buffer: int = opt(2000, "pairs held in the shuffle buffer of each worker", gt=0)
-    max_text_len: int = opt(32, "tokens per caption after truncation", gt=0)
+    max_text_len: int = opt(32, "tokens per caption after truncation (0: no cut, as the authors' code; "
+                            "model.text.max_position still bounds it)", ge=0)
     pad_to_multiple: int = opt(
         1, "pad each batch's captions to a multiple of this many tokens (1 = to the batch's longest). "
         "max_text_len gives every batch the same shape, which train.compile (and its CUDA graphs) needs "
@@ -247,11 +248,28 @@ class QueueConfig:
     """Momentum towers and the queues of negatives."""
 
     size_per_rank: int = opt(
-        4096, "entries per rank per modality; the pool is world_size x size_per_rank. At least "
-        "train.batch_size while loss.queue_weight > 0.", ge=0)
+        4096, "entries per rank per modality; the pool is world_size x size_per_rank, so it grows with the "
+        "ranks. At least train.batch_size while loss.queue_weight > 0. Ignored when queue.global_size is set.",
+        ge=0)
+    global_size: int = opt(
+        0, "entries of the whole pool per modality, whatever the number of ranks: each rank holds "
+        "global_size / ranks (which must divide). 0: queue.size_per_rank states the pool.", ge=0)
+    size_rule: str = opt(
+        "samples", "how the pool follows the global batch B (docs/training.md): 'samples' keeps "
+        "queue.global_size entries at any B; 'steps' scales it by B / optim.reference_batch, so that the "
+        "pool holds the keys of as many optimiser steps as at the reference batch", choices=("samples", "steps"))
+    init: str = opt(
+        "empty", "the pool at the start: 'empty' (slots fill as keys arrive; empty slots are never "
+        "negatives) or 'random' (full of random unit vectors that count as negatives until overwritten, "
+        "as the authors' code starts)", choices=("empty", "random"))
     mode: str = opt("replicated", "'replicated': every rank holds the whole pool; 'sharded': each rank "
                     "holds only its own size_per_rank slots (docs/model.md)", choices=("replicated", "sharded"))
-    momentum: float = opt(0.999, "m of theta_k <- m theta_k + (1 - m) theta_q", within="[0, 1)")
+    momentum: float = opt(0.999, "m of theta_k <- m theta_k + (1 - m) theta_q, stated at optim.reference_batch",
+                          within="[0, 1)")
+    momentum_rule: str = opt(
+        "none", "how m follows the global batch B: 'none' keeps it; 'horizon' uses m^(B / "
+        "optim.reference_batch), so that the average spans as many samples as at the reference batch",
+        choices=("none", "horizon"))
     key_train_mode: bool = opt(False, "run key towers in train mode like the reference (dropout, batch stats)")
 
 
@@ -263,6 +281,9 @@ class LossConfig:
                     note="it divides the log-sum-exp")
     gamma: float = opt(0.5, "absolute threshold of the hinge (0.5)")
     batch_weight: float = opt(1.0, "weight of the in-batch term (1 for COCO, 20 for Flickr30K)", ge=0)
+    mask_same_image: bool = opt(
+        True, "never count a caption of the query's own image as a negative, in the batch or the queue. "
+        "False: as the authors' code, only the pair itself is positive")
     queue_weight: float = opt(1.0, "weight of the queue term (0 disables queues in the loss)", ge=0)
 
 
@@ -270,7 +291,13 @@ class LossConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = opt(5e-4, "peak learning rate of AdamW", gt=0)
+    lr: float = opt(5e-4, "peak learning rate of AdamW at optim.reference_batch", gt=0)
+    reference_batch: int = opt(
+        128, "the global batch at which optim.lr and queue.momentum are stated (the paper's 128)", gt=0)
+    scale_rule: str = opt(
+        "none", "how the lr follows the global batch B: 'none' keeps optim.lr; 'linear' multiplies it by "
+        "B / reference_batch, 'sqrt' by its square root. A raised lr gets a warmup of one epoch unless "
+        "optim.warmup_steps says otherwise", choices=("none", "linear", "sqrt"))
     weight_decay: float = opt(1e-4, "AdamW weight decay (not on biases and norms)", ge=0)
     betas: List[float] = opt([0.9, 0.999], "AdamW betas: two values in [0, 1)")
     eps: float = opt(1e-8, "AdamW epsilon", gt=0)
@@ -289,7 +316,12 @@ class TrainConfig:
     """The training loop, its checkpoints and its DeepSpeed engine."""
 
     epochs: int = opt(25, "epochs (an epoch = every caption once)", gt=0)
-    batch_size: int = opt(128, "samples (image-caption pairs) per process per micro-step", gt=0)
+    batch_size: int = opt(128, "samples (image-caption pairs) per process per micro-step; the global batch is "
+                          "ranks x batch_size x grad_accum. Ignored when train.global_batch_size is set.", gt=0)
+    global_batch_size: int = opt(
+        0, "pairs per optimiser step over all ranks, whatever their number: each rank takes global_batch_size "
+        "/ (ranks x grad_accum) per micro-step (which must divide). 0: train.batch_size states the batch.",
+        ge=0)
     grad_accum: int = opt(1, "micro-batches per optimiser step", gt=0)
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = run all epochs)", ge=0)
     precision: str = opt("bf16", "precision of the online towers (docs/training.md)",
