@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 launch/train.py --config configs/synthetic.yaml
     srun python launch/train.py --config ... (see launch/slurm/train.sbatch)
     python launch/train.py --config configs/synthetic.yaml --print-config
+    python launch/train.py --config configs/coco_region.yaml --print-plan --world-size 64 [--json]
     python launch/train.py --list-keys
 
 Any ``key=value`` after the options overrides the config (docs/configuration.md).
@@ -12,6 +13,7 @@ Any ``key=value`` after the options overrides the config (docs/configuration.md)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -20,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from user_dist.config import ConfigError, describe_schema, load_config, to_yaml, validate  # noqa: E402
-from user_dist.distributed import strip_local_rank_arg  # noqa: E402
+from user_dist.config import ConfigError, DataConfig, describe_schema, load_config, to_yaml, validate  # noqa: E402
+from user_dist.distributed import discover, strip_local_rank_arg  # noqa: E402
+from user_dist.plan import RunPlan  # noqa: E402
 
 
 def parse_args(argv):
@@ -32,8 +35,25 @@ def parse_args(argv):
     p.add_argument("--config", help="YAML config (configs/*.yaml); keys override the schema defaults")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--list-keys", action="store_true", help="list every config key with type and default")
+    p.add_argument("--print-plan", action="store_true",
+                   help="print what a job would run (per-rank and global batch and pool, lr, momentum, steps) "
+                        "and exit; needs no data or GPU")
+    p.add_argument("--world-size", type=int, default=0, metavar="N",
+                   help="with --print-plan: plan for N ranks (default: this launch's)")
+    p.add_argument("--train-pairs", type=int, default=0, metavar="N",
+                   help="with --print-plan: (image, caption) pairs per epoch, when the shards are not at hand")
+    p.add_argument("--json", action="store_true", help="with --print-plan: print JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
+
+
+def train_pairs(data: DataConfig):
+    """(image, caption) pairs of one training epoch, from the shards' manifest; None without one."""
+    from user_dist.data_format import CAPTIONS_PER_IMAGE, MANIFEST, load_manifest
+
+    if not os.path.isfile(os.path.join(data.train_shards, MANIFEST)):
+        return None
+    return CAPTIONS_PER_IMAGE * load_manifest(data.train_shards).num_samples
 
 
 def main(argv=None) -> int:
@@ -43,12 +63,16 @@ def main(argv=None) -> int:
         for key, typ, default in describe_schema():
             print(f"{key:38s} {typ:12s} {default!r}")
         return 0
+    dry = args.print_config or args.print_plan
     try:
         cfg = load_config(args.config, args.overrides)
         source = args.config or "default value"
-        validate(cfg, check_paths=not args.print_config,
-                 sources={"data.train_shards": source, "data.val_shards": source})
-        if not args.print_config:
+        validate(cfg, check_paths=not dry, sources={"data.train_shards": source, "data.val_shards": source})
+        world = args.world_size or discover().world_size
+        if world < 1:
+            raise ConfigError(f"--world-size must be at least 1, got {world}")
+        plan = RunPlan.make(cfg, world, args.train_pairs or train_pairs(cfg.data))
+        if not dry:
             from user_dist.data import check_model_fits
 
             check_model_fits(cfg.data, cfg.model)
@@ -58,6 +82,10 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    if args.print_plan:
+        print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
+        return 0
+    cfg = plan.resolve(cfg)  # what this job's ranks run: per-rank sizes, scaled lr and momentum
 
     from user_dist import distributed as du
     from user_dist import run_dir as rd
@@ -78,6 +106,7 @@ def main(argv=None) -> int:
         log.info("run folder: %s (TensorBoard: tensorboard --logdir %s)", run_dir, os.path.join(run_dir, "tb"))
         log.info("world size %d (%s launcher), device %s\n%s", env.world_size, env.launcher,
                  du.device_for(env.local_rank), to_yaml(cfg))
+        log.info("run plan (launch/train.py --print-plan shows it beforehand):\n%s", plan.table())
 
     from user_dist.checkpoint import CheckpointSaveError, ResumeError
     from user_dist.faults import Faults

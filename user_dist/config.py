@@ -485,7 +485,13 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         if problem:
             fail(key, problem)
     t, q, o, m = cfg.train, cfg.queue, cfg.optim, cfg.model
-    if q.size_per_rank < t.batch_size and cfg.loss.queue_weight > 0:
+    for glob, local in (("train.global_batch_size", "train.batch_size"), ("queue.global_size", "queue.size_per_rank")):
+        section, name = glob.split(".")
+        if getattr(getattr(cfg, section), name) and local in sources:
+            fail(local, f"is set together with {glob} (from {sources.get(glob, 'default value')}), which derives "
+                 "it for every number of ranks: set one of the two")
+    # Per-rank sizes only; a global recipe is checked for the world size of the launch (user_dist.plan).
+    if not (t.global_batch_size or q.global_size) and q.size_per_rank < t.batch_size and cfg.loss.queue_weight > 0:
         fail("queue.size_per_rank", f"({q.size_per_rank}) must be at least train.batch_size ({t.batch_size}): "
              "a queue smaller than a batch would drop keys it has just enqueued")
     if t.compile == "reduce-overhead" and (t.grad_accum != 1 or t.zero_stage != 0):
