@@ -186,7 +186,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     code, out = job(2, 24, 15, **{"queue.size_per_rank": 32})
     assert code == 0, out[-3000:]
     assert "with queue.size_per_rank 32 (was 64), queue.mode sharded (was sharded)" in out
-    assert logged(run_dir, "queue/pool_size")[15] == 64 and final_state(run_dir)[0]["step"] == 15
+    assert logged(run_dir, "queue/pool_size")[15] == 64 and final_state(run_dir)[0].step == 15
 
     # Refused, with what to change: another global batch; ZeRO 1-2 (partitioned
     # optimiser state). One process without a launcher: its exit code is the job's.
@@ -204,7 +204,7 @@ def test_a_run_continues_on_another_number_of_ranks_with_the_same_global_batch(t
     code, out = single(48, **{"train.zero_stage": 1})
     assert code == 2, out[-3000:]
     assert "a ZeRO-0 run continues with ZeRO 0 and a ZeRO 1-2 run with ZeRO 1-2" in out
-    assert final_state(run_dir)[0]["step"] == 15  # the refusals wrote nothing
+    assert final_state(run_dir)[0].step == 15  # the refusals wrote nothing
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
 
