@@ -417,6 +417,19 @@ def test_a_job_the_trainer_refuses_leaves_no_run_folder(tiny_shards, tmp_path, o
     assert not (tmp_path / "new").exists()
 
 
+def test_a_global_recipe_is_split_over_the_ranks_and_logged_at_start(tiny_shards, tmp_path):
+    """train.global_batch_size / queue.global_size on 2 ranks: each rank runs
+    half (user_dist.plan), the job logs the plan, the checkpoint says so."""
+    overrides = [o for o in tiny_overrides(tiny_shards, tmp_path, "global", **{"train.max_steps": 2})
+                 if not o.startswith(("train.batch_size=", "queue.size_per_rank="))]
+    code, out = run("torchrun", overrides + ["train.global_batch_size=48", "queue.global_size=128"])
+    assert code == 0, out[-3000:]
+    assert "run plan" in out and "batch per rank        24 x grad_accum 1" in out and "global pool           128" in out
+    meta, _, _, queues = final_state(tmp_path / "global")
+    assert (meta.global_batch, meta.queue_size_per_rank, meta.step) == (48, 64, 2)
+    assert all(q["size_per_rank"] == 64 for q in queues)
+
+
 def test_a_non_finite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
     """ZeRO 0: the step is skipped on the device, counted at the next log step."""
     code, out = run("torchrun", tiny_overrides(tiny_shards, tmp_path, "nan1", **{"train.max_steps": 5}),
