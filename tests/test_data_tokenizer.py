@@ -34,6 +34,21 @@ def test_encode_adds_cls_sep_pads_and_truncates(tokenizer):
     assert ids.shape == (2, 6) and ids[1, -1].item() == sep and mask[1].tolist() == [1] * 6
 
 
+@pytest.mark.parametrize("max_len", [-1, 1, 2])
+def test_max_text_len_is_0_for_no_cut_or_at_least_3(tokenizer, max_len):
+    with pytest.raises(ConfigError, match="'data.max_text_len' must be 0 \\(no cut\\) or at least 3"):
+        CaptionEncoder(tokenizer, max_len)
+
+
+def test_no_caption_outgrows_the_encoders_positions():
+    """build_tokenizer records the encoder's positions (model.text.max_position
+    here); a longer max_text_len, or padding, stops there."""
+    short = build_tokenizer(TextEncoderConfig(max_position=10))
+    assert short.model_max_length == 10
+    ids, mask = CaptionEncoder(short, 32, pad_to_multiple=16).encode(["one two three four five six seven eight nine"])
+    assert ids.shape == (1, 10) and mask.all() and ids[0, -1].item() == short.sep_token_id
+
+
 @pytest.mark.parametrize("multiple, expected", [(1, 7), (4, 8), (6, 12), (32, 32)])
 def test_pad_to_multiple_fixes_the_length_without_changing_the_tokens(tokenizer, multiple, expected):
     caps = ["a cat", "a dog on a mat", "red"]  # the longest is 7 tokens with [CLS] and [SEP]

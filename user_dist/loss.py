@@ -10,7 +10,10 @@ With s = <v, t> for unit vectors, mu = 90, gamma = 0.5:
     L       = batch_weight * L_batch + queue_weight * L_queue
 
 Negatives never include a pair of the same image (image ids), in the batch
-or in the queue. The in-batch term runs over the global batch: features are
+or in the queue, unless ``loss.mask_same_image`` is off: then, as in the
+authors' code, only the pair itself is excluded from the in-batch negatives
+and every filled queue slot is a negative, whatever its id. Empty queue
+slots (id -1) are never negatives. The in-batch term runs over the global batch: features are
 all-gathered with gradient and each rank computes the loss of its own
 queries, so N ranks x B equals one process with N*B (after the engine
 averages gradients over ranks). The queue term over a sharded pool is
@@ -30,7 +33,7 @@ import torch.distributed._functional_collectives as funcol
 
 from user_dist.config import LossConfig
 from user_dist.distributed import all_gather_nograd, all_gather_with_grad, rank, world_size
-from user_dist.queue import NegativeQueues
+from user_dist.queue import EMPTY_ID, NegativeQueues
 
 
 def positive_term(s: torch.Tensor) -> torch.Tensor:
@@ -81,24 +84,28 @@ def soft_term(sims: torch.Tensor, valid: torch.Tensor, mu: float, gamma: float) 
 
 def _queue_soft(q_local: torch.Tensor, q_all: Optional[torch.Tensor], q_ids_local: torch.Tensor,
                 q_ids_all: torch.Tensor, keys: torch.Tensor, key_ids: torch.Tensor,
-                distributed_pool: bool, mu: float, gamma: float) -> Tuple[torch.Tensor, ...]:
+                distributed_pool: bool, mu: float, gamma: float,
+                mask_same_image: bool = True) -> Tuple[torch.Tensor, ...]:
     """soft() of each local query over the pool, plus statistics.
 
     q_local (2, B, E): image and text queries of this rank; q_all (2, W*B, E)
     every rank's queries (distributed pool only); keys (2, V, E): text and
     image keys held here (the negatives of image and text queries); key_ids
     (V,), -1 for an empty slot. ``distributed_pool``: a sharded queue over
-    more than one rank (collective). Returns soft (2, B), hardest negative
+    more than one rank (collective). ``mask_same_image``: slots of a query's
+    own image are not its negatives. Returns soft (2, B), hardest negative
     similarity (2, B), active count (2, B), negative count (2, B).
     """
-    filled = key_ids[None, :] >= 0  # (1, V): id -1 marks an empty slot (user_dist.queue)
+    queries, q_ids = (q_all, q_ids_all) if distributed_pool else (q_local, q_ids_local)
+    valid = key_ids[None, :] != EMPTY_ID  # (1, V): an empty slot (user_dist.queue) is never a negative
+    if mask_same_image:
+        valid = valid & (q_ids[:, None] != key_ids[None, :])  # (Q, V)
+    # (2, Q, V): Q = B, or W*B with a distributed pool (every rank's queries vs this shard)
+    sims = torch.einsum("mqe,mve->mqv", queries, keys)
+    parts = _SoftParts(sims, valid, mu, gamma)
     if not distributed_pool:
-        sims = torch.einsum("mbe,mve->mbv", q_local, keys)  # (2, B, V)
-        parts = _SoftParts(sims, (q_ids_local[:, None] != key_ids[None, :]) & filled, mu, gamma)
         return parts.soft(), parts.hardest(), parts.active, parts.count
     B = q_local.shape[1]
-    sims = torch.einsum("mqe,mve->mqv", q_all, keys)  # (2, W*B, V): every rank's queries vs this shard
-    parts = _SoftParts(sims, (q_ids_all[:, None] != key_ids[None, :]) & filled, mu, gamma)
     zmax = parts.zmax.clone()
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX)  # (2, W*B): global max, a constant shift
     shift = zmax.clamp(min=0)
@@ -120,17 +127,25 @@ def uto_terms(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_a
               ids: torch.Tensor, ids_all: torch.Tensor, img_k: torch.Tensor, txt_k: torch.Tensor,
               q_image: Optional[torch.Tensor], q_text: Optional[torch.Tensor], q_ids: Optional[torch.Tensor],
               distributed_pool: bool, mu: float, gamma: float, batch_weight: float,
-              queue_weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
+              queue_weight: float, mask_same_image: bool = True, rank: int = 0,
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The loss from gathered features: fp32 tensors in, no host values read.
 
     img, txt (B, E) with gradient; img_all, txt_all (W*B, E) every rank's, in
     rank order; ids (B,), ids_all (W*B,); img_k, txt_k (B, E) keys; q_image,
     q_text (V, E), q_ids (V,) the queue slots held here, or None for no queue
-    term. Returns the loss (scalar) and the detached statistics (5,), in
-    STAT_NAMES order. Without a distributed pool it is pure tensor code of
-    fixed shapes, which ``compiled_uto_terms`` compiles.
+    term. ``mask_same_image`` (loss.mask_same_image): pairs of the same image
+    id are not negatives; off, only the pair itself, at global row
+    rank * B + i, is left out. Returns the loss (scalar) and the detached
+    statistics (5,), in STAT_NAMES order. Without a distributed pool it is
+    pure tensor code of fixed shapes, which ``compiled_uto_terms`` compiles.
     """
-    neg = ids[:, None] != ids_all[None, :]  # (B, W*B): excludes i itself and same-image pairs
+    if mask_same_image:
+        neg = ids[:, None] != ids_all[None, :]  # (B, W*B): excludes i itself and same-image pairs
+    else:
+        pair = torch.arange(ids_all.shape[0], device=ids.device)  # (W*B,) global row of each pair
+        B = ids.shape[0]
+        neg = pair[rank * B:(rank + 1) * B, None] != pair[None, :]  # (B, W*B): excludes i itself only
     sims = torch.stack([img @ txt_all.T, txt @ img_all.T])  # (2, B, W*B): image->text, text->image
     pos = (img * txt).sum(-1)  # (B,)
     batch_parts = _SoftParts(sims, neg[None].expand_as(sims), mu, gamma)
@@ -143,7 +158,7 @@ def uto_terms(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_a
         keys = torch.stack([q_text, q_image])  # (2, V, E): negatives of image / text queries
         q_soft, q_hard, q_active, q_count = _queue_soft(
             torch.stack([img, txt]), torch.stack([img_all, txt_all]) if distributed_pool else None,
-            ids, ids_all, keys, q_ids, distributed_pool, mu, gamma)
+            ids, ids_all, keys, q_ids, distributed_pool, mu, gamma, mask_same_image)
         pos_k = torch.stack([(img * txt_k).sum(-1), (txt * img_k).sum(-1)])  # (2, B)
         loss_queue = (q_soft - positive_term(pos_k)).mean(1).sum()
         hardest = torch.maximum(hardest, q_hard)
@@ -172,9 +187,10 @@ def uto_loss(img: torch.Tensor, txt: torch.Tensor, img_k: torch.Tensor, txt_k: t
     Args:
         img, txt: online embeddings (B, E), unit norm, with gradient.
         img_k, txt_k: momentum keys (B, E), unit norm, no gradient.
-        image_ids: (B,) int64; equal ids are never negatives of each other.
+        image_ids: (B,) int64; equal ids are never negatives of each other
+            (unless cfg.mask_same_image is off).
         queue: the negative queues (read only here; enqueue after), or None.
-        cfg: mu, gamma, batch_weight, queue_weight.
+        cfg: mu, gamma, batch_weight, queue_weight, mask_same_image.
         terms: a compiled ``uto_terms`` (``compiled_uto_terms``), used unless
             the pool is distributed (sharded over several ranks: collectives
             between its parts).
@@ -195,7 +211,7 @@ def uto_loss(img: torch.Tensor, txt: torch.Tensor, img_k: torch.Tensor, txt_k: t
         fn = uto_terms if terms is None or distributed_pool else terms
         loss, stats = fn(img, txt, img_all, txt_all, ids, ids_all, img_k.float(), txt_k.float(),
                          q_image, q_text, q_ids, distributed_pool, cfg.mu, cfg.gamma, cfg.batch_weight,
-                         cfg.queue_weight)
+                         cfg.queue_weight, cfg.mask_same_image, rank())
     # A copy: a CUDA graph (train.compile=reduce-overhead) reuses its outputs' memory at the next step.
     out = dict(zip(STAT_NAMES, stats.clone().unbind()))
     fill = queue.fill / queue.pool_size if queue is not None else 0.0

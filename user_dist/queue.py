@@ -14,13 +14,24 @@ entries are overwritten (FIFO). Slot s belongs to rank s // size_per_rank.
   host): a rank sends its B keys and receives at most size_per_rank, instead
   of all W B. Both modes hold the same pool, slot for slot.
 
-Entries are written in order from slot 0, so the filled slots are always the
-global prefix [0, fill): empty slots are simply never read. A step skipped
-on the device (``enqueue(keep=False)``) advances the ring without writing, so
-a slot of the prefix may still be empty: empty slots hold id -1 (image ids
-are never negative), and the loss never counts an id -1 as a negative. Pointer and fill
-level are host integers that follow from the batch shapes alone, so nothing
-here waits for the device.
+The pool starts as ``queue.init`` says:
+
+- ``empty`` (default): every slot holds id EMPTY_ID (-1). Entries are written
+  in order from slot 0, so the filled slots are always the global prefix
+  [0, fill): empty slots are simply never read.
+- ``random`` (the authors' code): every slot holds an L2-normalised Gaussian
+  vector (a different one per modality) with id RANDOM_ID (-2), and fill = P
+  from the start. They count as negatives of every query until keys
+  overwrite them, oldest first from slot 0. Slot s's vectors depend only on
+  s and a fixed seed, so every rank, both modes, and any world size agree on
+  them without a broadcast.
+
+A step skipped on the device (``enqueue(keep=False)``) advances the ring
+without writing, so its slots keep what they held: id -1 (never counted)
+where they were empty, the random vectors (still negatives) where the pool
+started random. Image ids are never negative: the loss counts every slot
+whose id is not EMPTY_ID. Pointer and fill level are host integers that
+follow from the batch shapes alone, so nothing here waits for the device.
 """
 from __future__ import annotations
 
@@ -28,11 +39,34 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from user_dist.config import QueueConfig
 from user_dist.distributed import all_gather_nograd, rank, world_size
 
 MODES = ("replicated", "sharded")
+INITS = ("empty", "random")
+EMPTY_ID = -1  # a slot never written: never a negative
+RANDOM_ID = -2  # a random vector of queue.init=random: a negative of every query, like a real key
+RANDOM_SEED = 20240131  # the random pool is the same in every run (and on every rank)
+_RANDOM_BLOCK = 1024  # slots per generator seed: slot s's vectors follow from s alone
+
+
+def random_slots(first: int, count: int, embed_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The random pool's vectors of global slots [first, first + count), count
+    > 0: image and text (count, E), fp32, unit norm, on the CPU. Generated a block of
+    _RANDOM_BLOCK slots at a time, each block from its own seed, so that a rank
+    makes only the blocks that cover its own slots."""
+    image, text = [], []
+    for block in range(first // _RANDOM_BLOCK, -(-(first + count) // _RANDOM_BLOCK)):
+        g = torch.Generator().manual_seed(RANDOM_SEED + block)
+        pair = torch.randn(_RANDOM_BLOCK, 2, embed_size, generator=g)  # (block, 2, E): image, text
+        pair = F.normalize(pair, dim=-1)
+        lo = max(first - block * _RANDOM_BLOCK, 0)
+        hi = min(first + count - block * _RANDOM_BLOCK, _RANDOM_BLOCK)
+        image.append(pair[lo:hi, 0])
+        text.append(pair[lo:hi, 1])
+    return torch.cat(image), torch.cat(text)
 
 
 class Segment(NamedTuple):
@@ -68,7 +102,7 @@ class NegativeQueues:
     """Image and text key queues (fp32) with their image ids.
 
     Args:
-        cfg: queue.size_per_rank and queue.mode.
+        cfg: queue.size_per_rank, queue.mode and queue.init.
         embed_size: E, the embedding size.
         device: where the entries live (the engine's device).
     """
@@ -76,7 +110,10 @@ class NegativeQueues:
     def __init__(self, cfg: QueueConfig, embed_size: int, device: Union[str, torch.device] = "cpu"):
         if cfg.mode not in MODES:
             raise ValueError(f"queue.mode is '{cfg.mode}'; valid choices: {', '.join(MODES)}")
+        if cfg.init not in INITS:
+            raise ValueError(f"queue.init is '{cfg.init}'; valid choices: {', '.join(INITS)}")
         self.mode, self.size_per_rank, self.embed_size = cfg.mode, cfg.size_per_rank, embed_size
+        self.init = cfg.init
         self.world, self.rank = world_size(), rank()
         self.pool_size = self.world * self.size_per_rank  # P
         # Global slots held here: [offset, offset + local).
@@ -84,9 +121,25 @@ class NegativeQueues:
         self.offset = 0 if self.mode == "replicated" else self.rank * self.size_per_rank
         self.image = torch.zeros(self.local, embed_size, device=device)  # (local, E)
         self.text = torch.zeros(self.local, embed_size, device=device)  # (local, E)
-        self.ids = torch.full((self.local,), -1, dtype=torch.long, device=device)  # (local,), -1 = empty
+        self.ids = torch.full((self.local,), EMPTY_ID, dtype=torch.long, device=device)  # (local,)
         self.ptr = 0  # next global slot to write
         self.fill = 0  # filled global slots: [0, fill)
+        self._randomise_from(0)
+
+    def _randomise_from(self, first: int) -> None:
+        """queue.init=random: global slots [first, P) get their random vectors
+        (id RANDOM_ID) and the pool counts as full. Those held here are made;
+        with 'empty' they stay empty."""
+        if self.init != "random":
+            return
+        a = max(first, self.offset)
+        b = self.offset + self.local
+        if a < b:
+            image, text = random_slots(a, b - a, self.embed_size)
+            rows = slice(a - self.offset, b - self.offset)
+            self.image[rows], self.text[rows] = image.to(self.image.device), text.to(self.text.device)
+            self.ids[rows] = RANDOM_ID
+        self.fill = self.pool_size
 
     @property
     def sharded(self) -> bool:
@@ -121,7 +174,8 @@ class NegativeQueues:
         ``keep``: a 0-d bool tensor, the same on every rank; False leaves every
         slot as it was (a step skipped on the device for a non-finite loss,
         whose keys may be non-finite too). The ring still advances: slots
-        left empty keep id -1, which the loss never counts.
+        left empty keep id -1, which the loss never counts (random slots of
+        queue.init=random stay random negatives).
         Collective: every rank must call it with the same B.
         """
         n = self.world * img_k.shape[0]
@@ -208,7 +262,9 @@ class NegativeQueues:
 
         ``states``: the saving job's queue states in rank order (a replicated
         queue: rank 0's alone is enough). The newest min(fill, new pool size)
-        entries are laid out in the new ring, in FIFO order.
+        entries are laid out in the new ring, in FIFO order. With
+        queue.init=random, slots left over get their random vectors, as the
+        oldest entries (overwritten first).
         """
         image, text, ids = self._fifo_pool(list(states))
         self._lay_out(image, text, ids)
@@ -247,9 +303,10 @@ class NegativeQueues:
         dev = self.image.device
         self.image.zero_()
         self.text.zero_()
-        self.ids.fill_(-1)
+        self.ids.fill_(EMPTY_ID)
         if a < b:
             self.image[:b - a] = image[a:b].to(dev)
             self.text[:b - a] = text[a:b].to(dev)
             self.ids[:b - a] = ids[a:b].to(dev)
         self.ptr, self.fill = keep % self.pool_size, keep
+        self._randomise_from(keep)
