@@ -153,8 +153,9 @@ class DataConfig:
                     choices=("regions", "jpg"))
     num_workers: int = opt(2, "loader worker processes per rank", ge=0)
     shuffle_buffer: int = opt(2000, "pairs held in the shuffle buffer of each worker", gt=0)
-    max_text_len: int = opt(32, "tokens per caption after truncation (0: no cut, as the authors' code; "
-                            "model.text.max_position still bounds it)", ge=0)
+    max_text_len: int = opt(32, "tokens per caption after truncation (0: no cut, as the authors' code; the "
+                            "text encoder's position count still bounds it: model.text.max_position, or a "
+                            "pretrained model's max_position_embeddings)", ge=0)
     pad_to_multiple: int = opt(
         1, "pad each batch's captions to a multiple of this many tokens (1 = to the batch's longest). "
         "max_text_len gives every batch the same shape, which train.compile (and its CUDA graphs) needs "
