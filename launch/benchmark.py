@@ -36,7 +36,6 @@ Any ``key=value`` overrides the preset's config (``--list-keys`` in launch/train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict
@@ -56,6 +55,7 @@ from launch.bench.reference import print_reference, reference_section  # noqa: E
 from launch.bench.step import print_train, train_section  # noqa: E402
 from launch.bench.sweep import batch_sweep  # noqa: E402
 from user_dist import distributed as du  # noqa: E402
+from user_dist.atomic import atomic_json  # noqa: E402
 
 SECTIONS = ("train", "data", "eval", "dist", "project")
 
@@ -151,8 +151,7 @@ def main(argv=None) -> int:
         results["project"] = rows
     path = args.json or (os.path.join(os.environ["OUT"], "benchmark.json") if os.environ.get("OUT") else "")
     if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        atomic_json(path, results, default=str)
         print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,8 @@ from typing import Dict, List
 
 import torch
 
+from user_dist.atomic import AtomicFile
+
 from .common import sync
 from .step import run_step
 
@@ -40,7 +42,7 @@ def profile_steps(step, batches: List[dict], steps: int, path: str) -> Dict[str,
     out = {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "device_busy_ms_per_step": busy_us / 1e3 / steps,
            "device_kernels_per_step": sum(e.count for e in on_device) / steps,
            "kernel_launches_per_step": launches / steps, "sync_calls_per_step": syncs, "table": path}
-    with open(path, "w") as f:
+    with AtomicFile(path) as f:
         f.write(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=1) + "\n\n")
         for sort in ([dev_attr] if cuda else []) + ["self_cpu_time_total"]:
             f.write(f"== sorted by {sort} ==\n")

@@ -1,5 +1,5 @@
 """The ``train`` section: launch/train.py's training step
-(``user_dist.trainer.TrainStep``) timed on synthetic batches, with its
+(``user_dist.train_step.TrainStep``) timed on synthetic batches, with its
 FLOPs, MFU and peak memory, and the table that prints them."""
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def build_step(cfg: Config):
 
 
 def run_step(step, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``step.micro_step(batch)``, exactly as launch/train.py calls it; a
+    """``step.micro_step(batch)``: the step launch/train.py runs (here at
+    step 0 and without the gradient norm that log steps add); a
     micro-batch dropped for a non-finite loss (checked on the host: ZeRO 1-2,
     fp16) is not a step to time."""
     out = step.micro_step(batch)
