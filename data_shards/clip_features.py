@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from data_shards.writer import BuildError, TarShard, encode_npy, prepare_output, write_manifest
-from user_dist.atomic import is_temporary
+from user_dist.atomic import atomic_json, is_temporary
 from user_dist.data_format import (MANIFEST, Manifest, RawSample, ShardInfo, decode_json, iter_raw_samples,
                                    load_manifest, sha256_file, split_member_name)
 
@@ -104,8 +104,7 @@ def _check_resume(out_dir: str, params: Mapping[str, Any], overwrite: bool) -> N
     params_path = os.path.join(out_dir, PARAMS_FILE)
     if os.path.isfile(os.path.join(out_dir, MANIFEST)) or overwrite or not os.path.isfile(params_path):
         prepare_output(out_dir, overwrite)  # refuses a complete build or unknown shards unless overwrite
-        with open(params_path, "w") as f:
-            json.dump(dict(params), f)
+        atomic_json(params_path, dict(params), indent=None)  # a resumed build reads it back
         return
     with open(params_path) as f:
         previous = json.load(f)

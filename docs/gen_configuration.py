@@ -7,6 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from user_dist.atomic import atomic_write  # noqa: E402
 from user_dist.config import schema_markdown  # noqa: E402
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configuration.md")
@@ -16,5 +17,4 @@ with open(PATH) as f:
     text = f.read()
 head, rest = text.split(BEGIN, 1)
 tail = rest.split(END, 1)[1]
-with open(PATH, "w") as f:
-    f.write(head + BEGIN + schema_markdown() + END + tail)
+atomic_write(PATH, head + BEGIN + schema_markdown() + END + tail)

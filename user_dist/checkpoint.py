@@ -36,17 +36,16 @@ import errno
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from . import distributed as du
-from .atomic import atomic_json, atomic_save, atomic_write
+from . import rng
+from .atomic import atomic_json, atomic_save, atomic_write, fsync_dir
 from .plan import BatchLayout
 
 TAG_PREFIX = "step_"
@@ -166,36 +165,6 @@ def _layout_from_config(ckpt_dir: str, world_size: int) -> Dict[str, Any]:
     return {"global_batch": layout.global_batch,
             "zero_stage": zero, "queue_size_per_rank": int(queue.get("size_per_rank", 0)),
             "queue_mode": str(queue.get("mode", "replicated"))}
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> Dict[str, Any]:
-    """Every RNG the step touches, as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": repr(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    import ast
-
-    torch.set_rng_state(state["torch"])
-    # random.getstate() is a tuple of ints (and None): literal_eval parses it
-    # without executing anything.
-    random.setstate(ast.literal_eval(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------- save
@@ -370,7 +339,7 @@ def _write(root: str, tag: str, tmp: str, final: str, engine, meta: CheckpointMe
     os.makedirs(os.path.join(tmp, "user_state"), exist_ok=True)
     engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False)
     state = dict(rank_state)
-    state["rng"] = rng_state()
+    state["rng"] = rng.state()
     _torch_save(state, os.path.join(tmp, "user_state", f"rank_{du.rank():05d}.pt"))
     if du.is_main():
         _torch_save(model_fp32, os.path.join(tmp, "model_fp32.pt"))
@@ -383,6 +352,7 @@ def _write(root: str, tag: str, tmp: str, final: str, engine, meta: CheckpointMe
         if os.path.exists(final):  # same step saved twice (e.g. preemption at an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)  # from here on the checkpoint is complete and found by latest_checkpoint
+        fsync_dir(root)  # and stays so after a power loss
         try:
             write_pointer(os.path.join(root, "latest"), tag)
             prune(root, keep_last, keep_tags)
@@ -408,9 +378,9 @@ def prune(ckpt_root: str, keep_last: int, keep_tags: tuple = ()) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def load_checkpoint(ckpt_dir: str, engine, *, meta: Optional[CheckpointMeta] = None, universal: bool = False,
-                    trusted: bool = False) -> Dict[str, Any]:
-    """Restore the engine from ``ckpt_dir``; return its meta and momentum state.
+def load_checkpoint(ckpt_dir: str, engine, *, universal: bool = False,
+                    trusted: bool = False) -> Dict[str, torch.Tensor]:
+    """Restore the engine from ``ckpt_dir``; return the key towers' state.
 
     Which ranks' own states (queue, RNG) a job reads is the resume plan's
     business (user_dist.resume): :func:`load_rank_state`,
@@ -418,18 +388,16 @@ def load_checkpoint(ckpt_dir: str, engine, *, meta: Optional[CheckpointMeta] = N
     ``checkpoint.load_universal``): the ZeRO 1-2 engine state is read
     through DeepSpeed's universal format (:func:`to_universal`). Unless
     ``trusted``, every file is first checked to load without running code
-    (:func:`check_loads_without_code`; ResumeError otherwise). ``meta``: the
-    checkpoint's, if the caller has read it already. Collective.
+    (:func:`check_loads_without_code`; ResumeError otherwise). Collective.
 
-    Returns: ``{"meta": CheckpointMeta, "momentum": state_dict}``.
+    Returns: the key towers' state_dict.
     """
     require_complete(ckpt_dir)
     if not trusted:
         check_loads_without_code(ckpt_dir)
-    meta = meta or CheckpointMeta.read(ckpt_dir)
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if universal:
-        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, meta.world_size))
+        root, tag = ckpt_dir, os.path.basename(to_universal(ckpt_dir, CheckpointMeta.read(ckpt_dir).world_size))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
@@ -441,8 +409,7 @@ def load_checkpoint(ckpt_dir: str, engine, *, meta: Optional[CheckpointMeta] = N
             for name, buf in engine.module.named_buffers():
                 if name in weights:
                     buf.copy_(weights[name])
-    momentum = torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
-    return {"meta": meta, "momentum": momentum}
+    return torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
 
 
 def to_universal(ckpt_dir: str, saved_world: int) -> str:
@@ -577,7 +544,7 @@ def _convert_to_universal(ckpt_dir: str, out: str, saved_world: int) -> str:
 
 def load_queue_states(ckpt_dir: str, saved_world: int) -> List[Dict[str, Any]]:
     """The saving ranks' queue states in rank order, for
-    ``NegativeQueues.load_state_dict`` to lay out afresh (another world size,
+    ``NegativeQueues.redistribute`` to lay out afresh (another world size,
     size or mode). A replicated queue is whole on every rank: rank 0's is enough."""
     first = load_rank_state(ckpt_dir, 0)["queue"]
     if first["mode"] == "replicated":

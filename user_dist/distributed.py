@@ -141,7 +141,9 @@ def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEn
         _unlink_shm_buffer(de.rank)
     else:
         dist.init_process_group(backend=backend, rank=de.rank, world_size=de.world_size, timeout=connect)
-    # Every rank has joined: from here on a collective waits timeout_s at most.
+    # NCCL connects lazily, at the first collective: make every rank connect
+    # now, under the long timeout. From here on a collective waits timeout_s.
+    barrier()
     dist.set_timeout(datetime.timedelta(seconds=timeout_s))
     return de
 

@@ -1,7 +1,7 @@
 """Fault injection for tests: a non-finite loss or a lost rank at a known step.
 
 The training loop never reads the environment: it is handed a :class:`Faults`
-(``NO_FAULTS`` by default). Tests build one directly, or, for a real job
+(none by default). Tests build one directly, or, for a real job
 started by a launcher, set ``USER_DIST_FAULT_*`` variables that
 ``launch/train.py`` turns into one with :meth:`Faults.from_env`:
 
@@ -68,5 +68,3 @@ class Faults:
             log.warning("USER_DIST_FAULT_KILL: rank %d kills itself after step %d", rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
 
-
-NO_FAULTS = Faults()

@@ -19,31 +19,17 @@ states into a :class:`~user_dist.train_step.TrainStep` as planned.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-import numpy as np
-import torch
-
 from . import checkpoint as ckpt
 from . import distributed as du
+from . import rng
 from .checkpoint import CheckpointMeta
-from .config import Config, ConfigError
+from .config import Config, ConfigError, TrainConfig
 from .plan import BatchLayout
 
 log = logging.getLogger("user_dist")
-
-
-def seed_rank(seed: int, rank: int, salt: int = 0) -> None:
-    """Seed torch's, Python's and numpy's global RNGs for this rank from here
-    on: ranks draw different dropout noise, and two fresh runs draw the same.
-    ``salt`` (the step of a resume on other ranks) keeps a restarted stream
-    apart from the run's start."""
-    s = seed + 1000 * rank + 1 + 7919 * salt
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
 
 
 @dataclass(frozen=True)
@@ -107,15 +93,15 @@ class ResumePlan:
                 "are laid out differently): set train.zero_stage accordingly (see docs/training.md)")
 
 
-def restore(plan: ResumePlan, step, cfg: Config, data_fingerprint: Optional[Dict[str, Any]]) -> CheckpointMeta:
+def restore(plan: ResumePlan, step, train: TrainConfig, data_fingerprint: Optional[Dict[str, Any]]) -> None:
     """Load ``plan.path`` into ``step`` (a TrainStep built with
-    ``load_universal=plan.universal``) as planned; seed or restore the RNGs.
-    Collective. Returns the checkpoint's meta (where the run continues)."""
+    ``load_universal=plan.universal``) as planned; seed or restore the RNGs
+    (``train.seed``; ``train.trust_checkpoint`` skips the unpickling check).
+    Collective. Where the run continues is ``plan.saved``."""
     rank = du.rank()
     saved = plan.saved
-    state = ckpt.load_checkpoint(plan.path, step.engine, meta=saved, universal=plan.universal,
-                                 trusted=cfg.train.trust_checkpoint)
-    step.momentum.load_state_dict(state["momentum"])
+    step.momentum.load_state_dict(ckpt.load_checkpoint(plan.path, step.engine, universal=plan.universal,
+                                                        trusted=train.trust_checkpoint))
     own = None if plan.reshard else ckpt.load_rank_state(plan.path, rank)
     if plan.queue_relayout:
         step.queue.redistribute(ckpt.load_queue_states(plan.path, saved.world_size))
@@ -124,14 +110,14 @@ def restore(plan: ResumePlan, step, cfg: Config, data_fingerprint: Optional[Dict
     if plan.reshard:
         # New ranks, new streams: per-rank dropout noise seeded afresh (and
         # apart from this run's start), the queue laid out on the new ranks.
-        seed_rank(cfg.train.seed, rank, salt=saved.step)
+        rng.seed_rank(train.seed, rank, salt=saved.step)
         log.warning("resuming %s, written by %d ranks, on %d: the global batch (%d) and the LR schedule "
                     "carry over; the negative pool is %d slots (was %d), %d entries kept, the newest; "
                     "the data of the interrupted epoch is split afresh between the ranks",
                     plan.path, saved.world_size, plan.layout.world_size, saved.global_batch, step.queue.pool_size,
                     saved.world_size * saved.queue_size_per_rank, step.queue.fill)
     else:
-        ckpt.set_rng_state(own["rng"])
+        rng.restore(own["rng"])
         if plan.queue_relayout:
             log.warning("resuming %s with queue.size_per_rank %d (was %d), queue.mode %s (was %s): the negative "
                         "pool is laid out afresh, the newest entries kept", plan.path, plan.queue_size_per_rank,
@@ -142,7 +128,6 @@ def restore(plan: ResumePlan, step, cfg: Config, data_fingerprint: Optional[Dict
                     "exactly where it stopped", plan.path, ", ".join(changed))
     log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", plan.path, saved.step, saved.epoch,
              saved.step_in_epoch)
-    return saved
 
 
 def _changed_stream(saved: Optional[Dict[str, Any]], now: Optional[Dict[str, Any]], reshard: bool) -> list:

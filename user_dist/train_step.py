@@ -53,20 +53,22 @@ def inputs_to(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds_cfg: Dict[str, Any], steps_per_epoch: int,
-                 total_steps: int) -> Tuple[Any, torch.optim.Optimizer, float]:
+                 total_steps: int, owns_optimizer: bool) -> Tuple[Any, torch.optim.Optimizer, float]:
     """The DeepSpeed engine around the online towers, with AdamW and the lr schedule.
 
-    Returns ``(engine, optimizer, clip)``: ``clip`` is the max gradient norm
-    the step clips to itself (0: DeepSpeed clips, or nobody;
+    ``owns_optimizer``: the step calls the optimiser itself
+    (:func:`user_dist.deepspeed_config.step_owns_optimizer`). Returns
+    ``(engine, optimizer, clip)``: ``clip`` is the max gradient norm the step
+    clips to itself (0: DeepSpeed clips, or nobody;
     :func:`user_dist.deepspeed_config.take_clipping` takes it out of ``ds_cfg``).
     """
     import deepspeed
 
     o = cfg.optim
-    # Without ZeRO and fp16 the optimiser step is ours: non-finite steps are
-    # skipped on the device (user_dist.nonfinite), which needs the fused
-    # AdamW's found_inf (CUDA and CPU).
-    fused = torch.cuda.is_available() or step_owns_optimizer(ds_cfg)
+    # When the optimiser step is ours, non-finite steps are skipped on the
+    # device (user_dist.nonfinite), which needs the fused AdamW's found_inf
+    # (CUDA and CPU).
+    fused = torch.cuda.is_available() or owns_optimizer
     optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay, fused=fused or None)
     scheduler = build_scheduler(optimizer, o, steps_per_epoch, total_steps)
@@ -135,10 +137,12 @@ class TrainStep:
         du.broadcast_module_state(model)
         # The key towers are copied in fp32 before DeepSpeed wraps the module.
         self.momentum = MomentumTowers(model, cfg.queue)
-        self.engine, optimizer, self.clip = build_engine(model, cfg, ds_cfg, steps_per_epoch, total_steps)
+        owns_optimizer = step_owns_optimizer(ds_cfg)  # no ZeRO, no fp16
+        self.engine, optimizer, self.clip = build_engine(model, cfg, ds_cfg, steps_per_epoch, total_steps,
+                                                         owns_optimizer)
         self.device = self.engine.device
         self.zero_stage = self.engine.zero_optimization_stage()  # in force, after any user override
-        self.skips = DeviceSkips(self.device) if step_owns_optimizer(ds_cfg) else HostSkips()
+        self.skips = DeviceSkips(self.device) if owns_optimizer else HostSkips()
         if isinstance(self.skips, DeviceSkips):
             optimizer.found_inf = self.skips.found_inf  # read by the fused AdamW at every step, as GradScaler sets it
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]

@@ -16,12 +16,13 @@ user_dist.resume; what a checkpoint holds in user_dist.checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,13 +36,11 @@ from .faults import Faults
 from .monitor import Monitor, to_host
 from .nonfinite import SkipPolicy
 from .plan import BatchLayout
-from .resume import ResumePlan, restore, seed_rank
+from . import rng
+from .resume import ResumePlan, restore
 from .train_step import TrainStep
 
 log = logging.getLogger("user_dist")
-
-__all__ = ["Position", "StepWindow", "Trainer", "TrainStep"]
-
 
 @dataclass
 class Position:
@@ -58,7 +57,8 @@ class StopRequested(Exception):
 
 
 class _Signals:
-    """SIGTERM / SIGUSR1 (SLURM preemption): checkpoint at the next log step, exit 0."""
+    """SIGTERM / SIGUSR1 (SLURM preemption): checkpoint at the next log step, exit 0.
+    (Every rank must agree to stop: the flag is all-reduced at log steps only.)"""
 
     def __init__(self) -> None:
         self.flag = False
@@ -66,33 +66,36 @@ class _Signals:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
-        log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
+        log.warning("received signal %d: will checkpoint at the next log step and exit", signum)
         self.flag = True
 
 
 class StepWindow:
     """The micro-batches of one optimiser step (an accumulation window), and
-    the wall time of the whole step: from the start of its first micro-batch
-    (a dropped one included) to the end of its last."""
+    the host's wall time of the whole step: the sum of its micro-steps
+    (dropped ones included), without the waits for data between them."""
 
     def __init__(self, size: int, clock: Callable[[], float] = time.perf_counter):
         self.size, self.clock = size, clock
-        self.done = 0  # micro-batches of the open window
-        self.started: Optional[float] = None
+        self.done = 0  # micro-batches counted in the open window
+        self.open_seconds = 0.0  # time of the open window's micro-steps so far
         self.seconds = 0.0  # of the last complete window
 
-    def begin(self) -> None:
-        """A micro-batch starts."""
-        if self.started is None:
-            self.started = self.clock()
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Around one micro-step: its time counts towards the open window."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.open_seconds += self.clock() - start
 
     def complete(self) -> bool:
         """A micro-batch counted; True when it closed the window (then ``seconds`` is set)."""
         self.done += 1
         if self.done < self.size:
             return False
-        self.seconds = self.clock() - self.started
-        self.done, self.started = 0, None
+        self.seconds, self.open_seconds, self.done = self.open_seconds, 0.0, 0
         return True
 
 
@@ -132,22 +135,27 @@ class Trainer:
 
         ds_cfg = resolve(cfg, self.world)
         plan = ResumePlan.make(resume_from, cfg, self.layout, zero_stage(ds_cfg)) if resume_from else None
-        self.step = TrainStep(cfg, self.steps_per_epoch, self.total_steps, ds_config=ds_cfg,
+        self.train_step = TrainStep(cfg, self.steps_per_epoch, self.total_steps, ds_config=ds_cfg,
                               load_universal=bool(plan and plan.universal), faults=self.faults)
         self.pos = Position()
         self.best_rsum, self.best_tag = float("-inf"), ""
         if plan is not None:
-            m = restore(plan, self.step, cfg, self.data_fingerprint)
+            restore(plan, self.train_step, t, self.data_fingerprint)
+            m = plan.saved
             self.pos = Position(m.step, m.epoch, m.step_in_epoch, m.skipped_nonfinite)
             self.best_rsum = m.best_rsum if m.best_rsum is not None else float("-inf")
             self.best_tag = m.best_tag
         else:
-            seed_rank(t.seed, self.rank)  # a resume restores the saved RNG states instead
-        self.skips = SkipPolicy(self.step.skips, t.max_nonfinite_in_a_row, done_before=self.pos.skipped_nonfinite)
+            rng.seed_rank(t.seed, self.rank)  # a resume restores the saved RNG states instead
+        self.skip_policy = SkipPolicy(self.train_step.skips, t.max_nonfinite_in_a_row, done_before=self.pos.skipped_nonfinite)
         self.monitor = Monitor(run_dir, du.is_main(), self.total_steps)
         self.monitor.text("config", "```\n" + to_yaml(cfg) + "\n```")
         self.signals = _Signals()
         self._last_log = (time.time(), self.pos.step)
+        # One window for the whole run: a window left open when an epoch's
+        # stream ran dry (dropped micro-batches) closes in the next epoch, as
+        # DeepSpeed's own count of micro-steps does.
+        self.window = StepWindow(t.grad_accum)
 
     def _stream(self, epoch: int, start_step: int = 0):
         t = self.cfg.train
@@ -176,13 +184,12 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """Optimiser steps over the rest of this epoch's stream; True when the
         epoch is complete (False: train.max_steps came first)."""
-        pos, accum = self.pos, self.cfg.train.grad_accum
-        window = StepWindow(accum)
+        pos, accum, window = self.pos, self.cfg.train.grad_accum, self.window
         for batch in self._stream(pos.epoch, start_step=pos.step_in_epoch * accum):
             if pos.step_in_epoch >= self.steps_per_epoch:
                 break  # the trailing micro-batches of an incomplete accumulation window
-            window.begin()
-            stats = self.step.micro_step(batch, pos.step, grad_norm=self._logs_at(pos.step + 1))
+            with window.timed():
+                stats = self.train_step.micro_step(batch, pos.step, grad_norm=self._logs_at(pos.step + 1))
             if stats is None:  # dropped on every rank for a non-finite loss; its place is taken by the next
                 self._count_skips()
                 continue
@@ -225,7 +232,7 @@ class Trainer:
         return bool(every) and step % every == 0
 
     def _count_skips(self, stop: bool = True) -> None:
-        self.pos.skipped_nonfinite = self.skips.update(self.pos.step, stop=stop)
+        self.pos.skipped_nonfinite = self.skip_policy.update(self.pos.step, stop=stop)
 
     def _stop_requested(self) -> bool:
         return bool(du.agree([self.signals.flag], "any"))
@@ -239,11 +246,12 @@ class Trainer:
             "perf/step_time_s": step_seconds,
             "train/epoch": float(self.pos.epoch),
             "train/skipped_nonfinite": float(self.pos.skipped_nonfinite),
-            "queue/pool_size": float(self.step.queue.pool_size),
+            "queue/pool_size": float(self.train_step.queue.pool_size),
         })
-        if "train/grad_norm" not in values and self.step.deepspeed_grad_norm() is not None:
-            values["train/grad_norm"] = self.step.deepspeed_grad_norm()  # ZeRO 1-2 keep it
-        for i, lr in enumerate(self.step.learning_rates()):
+        ds_norm = self.train_step.deepspeed_grad_norm()  # ZeRO 1-2 keep it
+        if "train/grad_norm" not in values and ds_norm is not None:
+            values["train/grad_norm"] = ds_norm
+        for i, lr in enumerate(self.train_step.learning_rates()):
             values[f"lr/group{i}"] = lr
         self.monitor.scalars(values, self.pos.step)
         self.monitor.progress(self.pos.step, self.pos.epoch, values)
@@ -256,14 +264,14 @@ class Trainer:
         p, layout = self.pos, self.layout
         meta = CheckpointMeta(
             step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch, world_size=layout.world_size,
-            global_batch=layout.global_batch, zero_stage=self.step.zero_stage,
-            queue_size_per_rank=self.step.queue.size_per_rank, queue_mode=self.step.queue.mode,
+            global_batch=layout.global_batch, zero_stage=self.train_step.zero_stage,
+            queue_size_per_rank=self.train_step.queue.size_per_rank, queue_mode=self.train_step.queue.mode,
             skipped_nonfinite=p.skipped_nonfinite, samples=p.step * layout.global_batch,
             best_rsum=self.best_rsum if self.best_rsum > float("-inf") else None, best_tag=self.best_tag,
             data_fingerprint=self.data_fingerprint)
-        momentum_state, rank_state = self.step.checkpoint_state()
+        momentum_state, rank_state = self.train_step.checkpoint_state()
         path = ckpt.save_checkpoint(
-            self.run_dir, self.step.engine, meta=meta, config_yaml=to_yaml(self.cfg), momentum_state=momentum_state,
+            self.run_dir, self.train_step.engine, meta=meta, config_yaml=to_yaml(self.cfg), momentum_state=momentum_state,
             rank_state=rank_state, keep_last=self.cfg.train.keep_last,
             keep_tags=(self.best_tag,) if self.best_tag else ())
         if du.is_main() and self.best_tag == os.path.basename(path):
@@ -282,13 +290,13 @@ class Trainer:
         from .evaluation.encode import encode_split
         from .evaluation.metrics import evaluate
 
-        model = self.step.engine.module
+        model = self.train_step.engine.module
         was_training = model.training
         batches = eval_loader(self.cfg.data.val_shards, self.cfg.data, self.tokenizer, self.cfg.eval.batch_size,
                               rank=self.rank, world_size=self.world)
         dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
         try:
-            split = encode_split(model, batches, self.step.device, dtype)
+            split = encode_split(model, batches, self.train_step.device, dtype)
         finally:
             model.train(was_training)
         rsum = None

@@ -37,7 +37,8 @@ def main():
     start = 0
     if resume:
         path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-        start = ckpt.load_checkpoint(path, engine)["meta"].step
+        ckpt.load_checkpoint(path, engine)
+        start = ckpt.CheckpointMeta.read(path).step
         assert ckpt.load_rank_state(path, du.rank())["queue"]["owner"] == du.rank()
         print(f"resumed {start}", flush=True)
     g = torch.Generator().manual_seed(1 + du.rank())

@@ -13,13 +13,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import torch  # noqa: E402
 
-import benchmark  # noqa: E402
+from launch.bench.common import build_config, synthetic_batch  # noqa: E402
 from user_dist import distributed as du  # noqa: E402
-from user_dist import trainer  # noqa: E402
+from user_dist import train_step as trainer  # noqa: E402
+from user_dist.faults import Faults  # noqa: E402
+from user_dist.nonfinite import DeviceSkips  # noqa: E402
 
 SMALL = ["model.embed_size=32", "model.region_dim=32", "model.mlp_hidden=16", "model.text.hidden_size=32",
          "model.text.num_layers=1", "model.text.num_heads=2", "model.text.intermediate_size=64",
@@ -28,18 +29,18 @@ SMALL = ["model.embed_size=32", "model.region_dim=32", "model.mlp_hidden=16", "m
 
 
 def build(overrides, deepspeed_clips: bool = False) -> trainer.TrainStep:
-    cfg = benchmark.build_config("tiny", SMALL + overrides, "fp32")
+    cfg = build_config("tiny", SMALL + overrides, "fp32")
     saved = trainer.take_clipping
     if deepspeed_clips:
         trainer.take_clipping = lambda ds: 0.0  # leave the clipping in DeepSpeed's config
     try:
-        return trainer.TrainStep(cfg, 10, 10)
+        return trainer.TrainStep(cfg, 10, 10, faults=Faults())
     finally:
         trainer.take_clipping = saved
 
 
 def batch(step: trainer.TrainStep, seed: int) -> dict:
-    return benchmark.synthetic_batch(step.cfg, 8, 36, range(5, 9), seed=seed)
+    return synthetic_batch(step.cfg, 8, 36, range(5, 9), seed=seed)
 
 
 def params(step: trainer.TrainStep) -> dict:
@@ -59,7 +60,7 @@ def clip_check() -> dict:
         return max(float((a[n] - b[n]).abs().max()) for n in a)
 
     own, ds = steps["own"], steps["deepspeed"]
-    return {"own_clip": own._clip, "deepspeed_clip": ds._clip,
+    return {"own_clip": own.clip, "deepspeed_clip": ds.clip,
             "own_ds_gradient_clipping": own.engine.gradient_clipping(),
             "ds_ds_gradient_clipping": ds.engine.gradient_clipping(),
             "backward_allreduce": own.engine.enable_backward_allreduce,
@@ -91,7 +92,7 @@ def compile_check() -> dict:
 
 def adam_state(step: trainer.TrainStep) -> dict:
     opt = step.engine.optimizer
-    return {f"{i}.{k}": v.detach().clone() for i, p in enumerate(step._params)
+    return {f"{i}.{k}": v.detach().clone() for i, p in enumerate(step.params)
             for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
 
 
@@ -123,11 +124,11 @@ def nonfinite_check() -> dict:
     they were; the counts see it; the next step trains. And with ZeRO 1 the
     host-side check returns None."""
     step = build(["optim.lr=0.01", "optim.grad_clip=1.0"])
-    out = {"device_skips": step.skips is not None,
+    out = {"device_skips": isinstance(step.skips, DeviceSkips),
            "optimizer_is_ours": type(step.engine.optimizer).__name__}
     step.micro_step(batch(step, 0), step=0)
     p0, a0, q0, ptr0 = params(step), adam_state(step), queue_state(step), step.queue.ptr
-    step._fault_nan = {1: 1}
+    step.faults.nan = {1: 1}
     b = batch(step, 1)
     with _NoHostReads():  # the whole skipped step runs without the host waiting for the device
         stats = step.micro_step(b, step=1, grad_norm=True)
@@ -148,8 +149,8 @@ def nonfinite_check() -> dict:
     out["queue_ids_after_next"] = int((step.queue.ids >= 0).sum())
     out.update(nan_input_check())
     host = build(["optim.lr=0.01", "train.zero_stage=1"])
-    host._fault_nan = {0: 1}
-    out["zero1_device_skips"] = host.skips is not None
+    host.faults.nan = {0: 1}
+    out["zero1_device_skips"] = isinstance(host.skips, DeviceSkips)
     out["zero1_returns"] = repr(host.micro_step(batch(host, 0), step=0))
     return out
 
@@ -181,7 +182,7 @@ def nan_input_check() -> dict:
     model = step.engine.module
     model.eval()
     with torch.no_grad():
-        img, txt = model(trainer._float_inputs_to(batch(step, 3), step.device, torch.float32))
+        img, txt = model(trainer.inputs_to(batch(step, 3), step.device, torch.float32))
     model.train()
     out["nan_input_eval_finite"] = bool(torch.isfinite(img).all() and torch.isfinite(txt).all())
     return out
