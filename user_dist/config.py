@@ -153,6 +153,12 @@ class DataConfig:
                     choices=("regions", "jpg"))
     num_workers: int = opt(2, "loader worker processes per rank", ge=0)
     shuffle_buffer: int = opt(2000, "pairs held in the shuffle buffer of each worker", gt=0)
+    caption_order: str = opt(
+        "spread", "how the training stream orders an image's captions: 'spread' reads each worker's shards "
+        "once per caption, every pass giving one caption of each image (duplicate images per batch and distinct "
+        "images per queue window as good as a uniform shuffle's; 5x the reads and decoding); 'grouped' reads "
+        "them once and shuffles each image's pairs in one buffer, so they cluster (the order of earlier "
+        "versions). docs/data.md, 'Caption order'", choices=("spread", "grouped"))
     max_text_len: int = opt(32, "tokens per caption after truncation (0: no cut, as the authors' code; the "
                             "text encoder's position count still bounds it: model.text.max_position, or a "
                             "pretrained model's max_position_embeddings)", ge=0)

@@ -5,19 +5,46 @@ Training (:func:`train_loader`), for one epoch on one rank:
 1. the split's shards are shuffled with a seed shared by all ranks (seed, epoch),
 2. split by node (``shards[rank::world_size]``), then by loader worker
    (``rank_shards[w::num_workers]``);
-3. each image expands into its 5 (image, caption) pairs, shuffled in a seeded
-   buffer of ``data.shuffle_buffer`` pairs;
+3. each worker reads its shards in 5 passes, one caption of every image per pass
+   (the caption order below), each pass shuffled in a seeded buffer of
+   ``data.shuffle_buffer`` pairs;
 4. pairs are batched, captions augmented (seeded per batch) and tokenised.
+
+Caption order (``data.caption_order``). The reference draws its pairs as a
+uniform permutation of all 5N pairs: a batch of 128 out of COCO's 566K pairs
+rarely holds two captions of one image, and a queue of 4,096 keys holds
+about 4,040 distinct images. A stream of shards holds only a buffer:
+expanding each image into its 5 pairs in front of it ('grouped', the order
+of earlier versions) keeps an image's pairs within a buffer's length of each
+other (20,000 images, batch 128: 7.6 duplicate images per batch instead of
+0.32, 1,587 distinct images per 4,096 keys instead of 3,774). Same-image keys
+are masked in the loss, so what is lost is negatives.
+
+'spread' (the default) reads a worker's shards once per caption. Pass k
+emits, for every image, caption ``perm[k]``, where ``perm`` is a permutation
+of the image's captions seeded by (seed, epoch, key): over the 5 passes each
+caption comes exactly once. Each pass reads the shards in its own order and
+drains its own buffer, so within a pass no image repeats, and two captions of
+an image are about a pass apart (one pair of each of the worker's images).
+Pass k+1 shuffles the shards within each half of pass k's order: the shards
+read last in one pass are read late in the next, so no image sits on both
+sides of a pass boundary either (while the buffer holds less than half a
+pass). Both statistics then match or beat a uniform shuffle's
+(launch/order_stats.py measures them; docs/data.md, "Caption order").
+Bounds, per worker, whatever the size of the data: the buffer holds
+``shuffle_buffer`` decoded samples (each pair its own copy; 'grouped' holds
+1/5 to all of that); each image is read and decoded 5 times per epoch
+('grouped': once), which costs loader throughput (docs/data.md).
 
 Every rank runs exactly ``floor(5 * images / (world_size * batch_size))``
 steps. The steps of a rank are shared among its workers in proportion to
 their pairs; a worker whose shards run out starts them again in a new order
 (a short rank repeats a few pairs, a long one drops a few), so no rank hangs
 or stops early. Batch ``g`` of an epoch depends only on (seed, epoch, rank,
-world_size, batch_size, num_workers, the shards), so a run resumed with
-``start_step=s`` yields exactly batches s, s+1, ... of the uninterrupted
-epoch: workers skip earlier batches without collating them, and the main
-process puts the workers' batches back in order.
+world_size, batch_size, num_workers, data.shuffle_buffer, data.caption_order,
+the shards), so a run resumed with ``start_step=s`` yields exactly batches
+s, s+1, ... of the uninterrupted epoch: workers skip earlier batches without
+collating them, and the main process puts the workers' batches back in order.
 
 Evaluation (:func:`eval_loader`): rank r reads the contiguous image range
 ``[r*N//W, (r+1)*N//W)`` of the split in source order, in batches of B images
@@ -84,13 +111,17 @@ class SampleReader:
         self.clip = manifest.has("clip_image.npy")
         self.policy = ErrorPolicy(data_cfg.on_error)
 
-    def decode(self, raw: RawSample) -> Sample:
+    def decode_metadata(self, raw: RawSample) -> Sample:
+        """The sample's key, image id and captions (its JSON), no features."""
         meta = decode_json(raw)
         try:
             image_id = image_id_to_int(meta["image_id"])
         except TypeError as exc:
             raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json': {exc}") from exc
-        sample = Sample(raw.key, image_id, meta["captions"])
+        return Sample(raw.key, image_id, meta["captions"])
+
+    def decode(self, raw: RawSample) -> Sample:
+        sample = self.decode_metadata(raw)
         f = self.manifest.features
         if self.mode == "regions":
             sample.regions = decode_npy(raw, "regions.npy", f["regions.npy"])
@@ -308,31 +339,87 @@ class TrainPlan:
     epoch: int
     rank: int
     shuffle_buffer: int
+    caption_order: str  # data.caption_order
 
     def pairs(self, worker: int, reader: SampleReader) -> Iterator[Tuple[Sample, int]]:
         """The worker's shuffled (sample, caption) pairs; starts its shards again when they run out."""
         for repeat in itertools.count():
-            shards = list(self.worker_shards[worker])
             tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}:{repeat}"
-            if repeat:
-                random.Random(f"reshuffle:{tag}").shuffle(shards)
-            expanded = ((s, c) for shard in shards for s in reader.samples(shard) for c in range(CAPTIONS_PER_IMAGE))
+            if self.caption_order == "grouped":
+                passes = grouped_pass(self.worker_shards[worker], reader, tag, repeat)
+            else:
+                passes = spread_passes(self.worker_shards[worker], reader, tag, f"{self.seed}:{self.epoch}")
             produced = 0
-            for pair in shuffle_buffer(expanded, self.shuffle_buffer, random.Random(f"buffer:{tag}")):
-                produced += 1
-                yield pair
+            for pass_pairs, rng in passes:
+                for pair in shuffle_buffer(pass_pairs, self.shuffle_buffer, rng):
+                    produced += 1
+                    yield pair
             if produced == 0:
-                raise ShardError(f"no readable sample in {[s.name for s in shards]} (all skipped as bad); "
-                                 "rebuild these shards")
+                raise ShardError(f"no readable sample in {[s.name for s in self.worker_shards[worker]]} (all "
+                                 "skipped as bad); rebuild these shards")
 
-    def batches(self, worker: int, reader: SampleReader, batcher: Batcher) -> Iterator[Tuple[int, Any]]:
+    def chunks(self, worker: int, reader: SampleReader) -> Iterator[Tuple[int, List[Tuple[Sample, int]]]]:
+        """(g, the pairs of batch g) for each batch g of the worker, from batch 0 on."""
         pairs = self.pairs(worker, reader)
         for g in (g for g, w in enumerate(self.schedule) if w == worker):
-            chunk = list(itertools.islice(pairs, self.batch_size))
+            yield g, list(itertools.islice(pairs, self.batch_size))
+
+    def batches(self, worker: int, reader: SampleReader, batcher: Batcher) -> Iterator[Tuple[int, Any]]:
+        for g, chunk in self.chunks(worker, reader):
             if g < self.start_step:
                 continue  # resuming: consume the pairs of batches already trained on, without collating
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, g, 7])
             yield g, batcher.train_batch(chunk, rng)
+
+
+Pass = Tuple[Iterator[Tuple[Sample, int]], random.Random]  # a pass's pairs and its shuffle buffer's generator
+
+
+def grouped_pass(shards: Sequence[ShardInfo], reader: SampleReader, tag: str, repeat: int) -> Iterator[Pass]:
+    """data.caption_order=grouped (the order of earlier versions): one pass, each image followed by its 5 pairs."""
+    shards = list(shards)
+    if repeat:
+        random.Random(f"reshuffle:{tag}").shuffle(shards)
+    yield ((s, c) for shard in shards for s in reader.samples(shard) for c in range(CAPTIONS_PER_IMAGE)), \
+        random.Random(f"buffer:{tag}")
+
+
+def spread_passes(shards: Sequence[ShardInfo], reader: SampleReader, tag: str, caption_seed: str) -> Iterator[Pass]:
+    """data.caption_order=spread: pass k reads the shards in its own order and emits caption perm[k] of
+    each image, perm a permutation of the image's captions seeded by (caption_seed, key). Pass k+1
+    shuffles the shards within each half of pass k's order, so the shards read last in one pass are
+    read late in the next: while the buffer holds less than half a pass, no image has pairs on both
+    sides of a pass boundary."""
+    order = list(shards)
+    random.Random(f"pass:{tag}:0").shuffle(order)
+    for k in range(CAPTIONS_PER_IMAGE):
+        if k:
+            rng = random.Random(f"pass:{tag}:{k}")
+            first, second = order[:len(order) // 2], order[len(order) // 2:]
+            rng.shuffle(first)
+            rng.shuffle(second)
+            order = first + second
+        yield _one_caption_each(order, reader, k, caption_seed), random.Random(f"buffer:{tag}:{k}")
+
+
+def _one_caption_each(shards: List[ShardInfo], reader: SampleReader, k: int,
+                      caption_seed: str) -> Iterator[Tuple[Sample, int]]:
+    for shard in shards:
+        for sample in reader.samples(shard):
+            n = len(sample.captions)
+            if k < n:  # an image with fewer captions than passes sits out the last ones
+                yield sample, caption_permutation(f"{caption_seed}:{sample.key}", n)[k]
+
+
+def caption_permutation(seed: str, n: int) -> List[int]:
+    """A permutation of range(n) drawn from a hash of `seed` (its Lehmer code; faster than seeding a
+    random.Random for every image and pass)."""
+    code = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=16).digest(), "little")
+    rest, perm = list(range(n)), []
+    for m in range(n, 0, -1):
+        code, i = divmod(code, m)
+        perm.append(rest.pop(i))
+    return perm
 
 
 class _TrainWorkers(IterableDataset):
@@ -362,6 +449,20 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return in_order(_loader(self.dataset, self.num_workers), self.start_step, self.steps_per_epoch)
+
+    def keys(self, reader: Optional[SampleReader] = None) -> Iterator[np.ndarray]:
+        """(B, 2) int64 [image_id, caption index] of each batch from ``start_step`` on, in stream
+        order, computed in this process without collating (to measure the order:
+        launch/order_stats.py). ``reader`` replaces the stream's own, e.g. by one that decodes only
+        the metadata."""
+        plan = self.dataset.plan
+        reader = reader or self.dataset.reader
+        workers = [plan.chunks(w, reader) for w in range(len(plan.worker_shards))]
+        for g, w in enumerate(plan.schedule):
+            number, chunk = next(workers[w])
+            assert number == g
+            if g >= self.start_step:
+                yield np.array([(sample.image_id, c) for sample, c in chunk], dtype=np.int64)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
@@ -397,10 +498,12 @@ def train_loader(data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int,
     worker_shards = [mine[w::workers] for w in range(workers)]
     counts = share(steps, [sum(s.num_samples for s in ws) for ws in worker_shards])
     plan = TrainPlan(worker_shards, round_robin(counts), batch_size, start_step, seed, epoch, rank,
-                     data_cfg.shuffle_buffer)
+                     data_cfg.shuffle_buffer, data_cfg.caption_order)
     fingerprint = {"seed": seed, "world_size": world_size, "batch_size": batch_size, "num_workers": workers,
                    "shuffle_buffer": data_cfg.shuffle_buffer, "mode": data_cfg.mode,
                    "shards": hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()}
+    if data_cfg.caption_order != "grouped":  # absent: the order of checkpoints written before the switch
+        fingerprint["caption_order"] = data_cfg.caption_order
     return TrainStream(_TrainWorkers(plan, reader, Batcher(data_cfg, tokenizer, train=True)),
                        data_cfg.num_workers, steps, fingerprint)
 
