@@ -151,4 +151,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from user_dist.distributed import shutdown
+
+    try:
+        code = main()
+    finally:
+        shutdown()  # before the interpreter's exit tears gloo's threads down
+    sys.exit(code)

@@ -148,6 +148,15 @@ def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEn
     return de
 
 
+def shutdown() -> None:
+    """End this process's process group, if any. Call before a job exits:
+    gloo's threads torn down by the interpreter's exit instead can abort the
+    process ("terminate called without an active exception", exit -6) after
+    its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _unlink_shm_buffer(rank: int) -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
 
