@@ -1,8 +1,5 @@
 """Caption order of the training stream: an image's captions spread as a uniform shuffle spreads them,
 every caption once per epoch, exact resume, and the measurement tool reads the real stream."""
-import importlib.util
-import os
-import sys
 from collections import Counter
 
 import numpy as np
@@ -10,16 +7,12 @@ import pytest
 import torch
 
 from data_shards.synthetic import build_synthetic
+from launch.bench import order as order_stats
 from user_dist.config import DataConfig
 from user_dist.data import train_loader
 from user_dist.data_format import load_manifest
 
-from conftest import ROOT
-
 torch.set_num_threads(1)
-_spec = importlib.util.spec_from_file_location("order_stats", os.path.join(ROOT, "launch", "order_stats.py"))
-order_stats = sys.modules["order_stats"] = importlib.util.module_from_spec(_spec)  # its dataclass looks it up
-_spec.loader.exec_module(order_stats)
 
 
 @pytest.fixture(scope="module")

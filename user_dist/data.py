@@ -30,7 +30,7 @@ Pass k+1 shuffles the shards within each half of pass k's order: the shards
 read last in one pass are read late in the next, so no image sits on both
 sides of a pass boundary either (while the buffer holds less than half a
 pass). Both statistics then match or beat a uniform shuffle's
-(launch/order_stats.py measures them; docs/data.md, "Caption order").
+(launch/bench_data.py measures them; docs/data.md, "Caption order").
 Bounds, per worker, whatever the size of the data: the buffer holds
 ``shuffle_buffer`` decoded samples (each pair its own copy; 'grouped' holds
 1/5 to all of that); each image is read and decoded 5 times per epoch
@@ -453,7 +453,7 @@ class TrainStream:
     def keys(self, reader: Optional[SampleReader] = None) -> Iterator[np.ndarray]:
         """(B, 2) int64 [image_id, caption index] of each batch from ``start_step`` on, in stream
         order, computed in this process without collating (to measure the order:
-        launch/order_stats.py). ``reader`` replaces the stream's own, e.g. by one that decodes only
+        launch/bench/order.py). ``reader`` replaces the stream's own, e.g. by one that decodes only
         the metadata."""
         plan = self.dataset.plan
         reader = reader or self.dataset.reader

@@ -33,6 +33,8 @@ from user_dist.data import SampleReader, train_loader
 from user_dist.data_format import load_manifest
 from user_dist.tokenizer import build_tokenizer
 
+from .order import order_stats
+
 
 def build_fixtures(root: str, images: int) -> List[Tuple[str, str, str]]:
     from data_shards.precomp import build_precomp
@@ -117,7 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=1000, help="images per built fixture")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement (0: no throughput)")
+    parser.add_argument("--window", type=int, default=4096,
+                        help="caption order: keys per window (the image queue's size)")
+    parser.add_argument("--world-size", type=int, default=1, help="caption order: ranks sharing the stream")
+    parser.add_argument("--order", choices=("spread", "grouped", "both"), default=DataConfig.caption_order,
+                        help="caption order: data.caption_order to measure ('both': one table each)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +133,15 @@ def main(argv=None) -> None:
         if not cases:
             print(f"building fixtures ({args.images} images each) in {tmp} ...", flush=True)
             cases = build_fixtures(tmp, args.images)
-        print("\n" + TABLE)
-        for r in rates(cases, args.batch_size, args.seconds, args.image_size):
-            print(row(*r), flush=True)
+        if args.seconds > 0:
+            print("\n" + TABLE)
+            for r in rates(cases, args.batch_size, args.seconds, args.image_size):
+                print(row(*r), flush=True)
+        orders = ("spread", "grouped") if args.order == "both" else (args.order,)
+        for label, mode, folder in cases:
+            for order in orders:
+                cfg = DataConfig(train_shards=folder, mode=mode, caption_order=order)
+                stats = order_stats(cfg, args.batch_size, args.window, args.world_size)
+                print(f"\ncaption order of {label}: data.caption_order={order}, {stats.images:,} images, "
+                      f"{args.world_size} rank(s) x batch {args.batch_size}, one epoch of {stats.keys:,} keys\n")
+                print(stats.table(), flush=True)

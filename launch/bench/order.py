@@ -1,7 +1,8 @@
-"""How the training stream orders an image's captions, against a uniform shuffle.
+"""How the training stream orders an image's captions, against a uniform shuffle
+(printed by launch/bench_data.py for every shard folder it measures):
 
-    python launch/order_stats.py --shards DIR --batch 128 --window 4096 [--world-size 1] [--workers N]
-                                 [--order spread|grouped|both]
+    python launch/bench_data.py --regions DIR [--batch-size 128] [--window 4096] [--world-size 1]
+                                [--order spread|grouped|both] [--seconds 0]
 
 Two statistics of one epoch's stream of keys (the image of each pair; the
 global stream: at each step the ranks' batches in rank order, as the
@@ -26,19 +27,14 @@ parsing the tars (5 times for ``spread``).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from user_dist.config import DataConfig, TextEncoderConfig  # noqa: E402
-from user_dist.data import Sample, SampleReader, train_loader  # noqa: E402
-from user_dist.data_format import CAPTIONS_PER_IMAGE, RawSample, load_manifest  # noqa: E402
+from user_dist.config import DataConfig, TextEncoderConfig
+from user_dist.data import Sample, SampleReader, train_loader
+from user_dist.data_format import CAPTIONS_PER_IMAGE, RawSample, load_manifest
 
 
 class MetadataReader(SampleReader):
@@ -159,33 +155,3 @@ def order_stats(data_cfg: DataConfig, batch: int, window: int, world_size: int =
         uniform_duplicates=global_batch - uniform_distinct(captions, global_batch),
         uniform_window_mean=uniform_distinct(captions, window),
         uniform_window_worst=uniform_worst_window(captions, len(ids), window, sims, seed))
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="a training split's shard folder (holding manifest.json)")
-    parser.add_argument("--batch", type=int, default=128, help="batch per rank")
-    parser.add_argument("--window", type=int, default=4096, help="keys per window (the image queue's size)")
-    parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=DataConfig.num_workers, help="data.num_workers")
-    parser.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer, help="data.shuffle_buffer")
-    parser.add_argument("--order", choices=("spread", "grouped", "both"), default=DataConfig.caption_order,
-                        help="data.caption_order ('both': one table each)")
-    parser.add_argument("--epoch", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sims", type=int, default=3, help="uniform shuffles simulated for the worst window")
-    args = parser.parse_args(argv)
-    manifest = load_manifest(args.shards)
-    mode = "regions" if manifest.has("regions.npy") else "jpg"
-    for order in (("spread", "grouped") if args.order == "both" else (args.order,)):
-        cfg = DataConfig(train_shards=args.shards, mode=mode, num_workers=args.workers,
-                         shuffle_buffer=args.shuffle_buffer, caption_order=order)
-        stats = order_stats(cfg, args.batch, args.window, args.world_size, args.epoch, args.seed, args.sims)
-        print(f"\n{args.shards}: {stats.images:,} images, caption_order={order}, {args.world_size} rank(s) x "
-              f"batch {args.batch} (global {stats.batch}), data.num_workers={args.workers}, shuffle buffer "
-              f"{args.shuffle_buffer}, epoch {args.epoch}: {stats.keys:,} keys\n")
-        print(stats.table(), flush=True)
-
-
-if __name__ == "__main__":
-    main()
