@@ -33,13 +33,15 @@ def parse_args(argv):
         epilog="Overrides: any number of key=value, e.g. train.epochs=3 queue.size_per_rank=1024. "
                "See --list-keys for every key, its type and default.")
     p.add_argument("--config", help="YAML config (configs/*.yaml); keys override the schema defaults")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (what the ranks of this launch, or of --world-size N, run) "
+                        "and exit; it loads back with --config")
     p.add_argument("--list-keys", action="store_true", help="list every config key with type and default")
     p.add_argument("--print-plan", action="store_true",
                    help="print what a job would run (per-rank and global batch and pool, lr, momentum, steps) "
                         "and exit; needs no data or GPU")
     p.add_argument("--world-size", type=int, default=0, metavar="N",
-                   help="with --print-plan: plan for N ranks (default: this launch's)")
+                   help="with --print-plan / --print-config: for N ranks (default: this launch's)")
     p.add_argument("--train-pairs", type=int, default=0, metavar="N",
                    help="with --print-plan: (image, caption) pairs per epoch, when the shards are not at hand")
     p.add_argument("--json", action="store_true", help="with --print-plan: print JSON")
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(to_yaml(cfg))
+        print(to_yaml(plan.resolve(cfg)))
         return 0
     if args.print_plan:
         print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())

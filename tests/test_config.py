@@ -225,6 +225,15 @@ def test_print_config_does_not_need_the_data(tmp_path):
     assert f"train_shards: {tmp_path}/nowhere" in r.stdout
 
 
+def test_print_config_gives_what_the_ranks_run_and_it_loads_back(tmp_path):
+    r = run_train(["--config", os.path.join(ROOT, "configs", "coco_region.yaml"), "--print-config",
+                   "--world-size", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "resolved.yaml").write_text(r.stdout)
+    cfg = load_config(str(tmp_path / "resolved.yaml"))
+    assert (cfg.train.batch_size, cfg.train.global_batch_size, cfg.queue.size_per_rank) == (32, 0, 1024)
+
+
 def test_config_error_exits_2_and_creates_no_run_folder(tmp_path):
     r = run_train(["train.batch_size=-4", f"train.run_root={tmp_path}/runs"], tmp_path)
     assert r.returncode == 2
