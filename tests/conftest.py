@@ -75,6 +75,39 @@ def run_forked_ranks(target, world: int, *args, timeout: float = 240, between=No
         assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}); its traceback is in the captured stderr"
 
 
+def run_gloo_ranks(body, world: int, *args, timeout: float = 240) -> list:
+    """Run ``body(rank, *args)`` on ``world`` forked ranks, each inside a gloo
+    process group of its own job (a free port), one thread each, and return
+    what each rank's call returned (tensors, numbers, containers), in rank
+    order. Fails naming the rank that raised (its traceback is in the
+    captured stderr)."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        run_forked_ranks(_gloo_rank, world, body, world, free_port(), args, out, timeout=timeout)
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def _gloo_rank(rank: int, body, world: int, port: int, args: tuple, out: str) -> None:
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        torch.save(body(rank, *args), os.path.join(out, f"{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    os._exit(code)  # a forked child must not run the parent's pytest teardown
+
+
 def kill_job(proc, marker: str) -> None:
     """SIGKILL a launcher and every process whose command line holds ``marker``:
     torchrun starts its workers in sessions of their own, so killing the

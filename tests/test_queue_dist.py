@@ -4,14 +4,12 @@ replicated pool and a plain ring built from all keys, slot for slot, after
 every step, through wraps, a step the size of the whole pool, batches that
 divide nothing, and a step skipped on the device (keep=False: the ring
 advances, nothing is written)."""
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import free_port, run_forked_ranks
+from conftest import run_gloo_ranks
 from user_dist.config import QueueConfig
 from user_dist.queue import NegativeQueues, write_segments
 
@@ -43,40 +41,28 @@ def reference_ring(batch: int, size_per_rank: int, ptr: int, steps: int):
     return image, ids
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        results = []
-        for batch, spr, ptr in CASES:
-            queues = {m: NegativeQueues(QueueConfig(mode=m, size_per_rank=spr), E) for m in ("replicated", "sharded")}
+def _rank_main(rank: int) -> list:
+    results = []
+    for batch, spr, ptr in CASES:
+        queues = {m: NegativeQueues(QueueConfig(mode=m, size_per_rank=spr), E) for m in ("replicated", "sharded")}
+        for q in queues.values():
+            q.ptr = ptr
+        for step in range(STEPS):
             for q in queues.values():
-                q.ptr = ptr
-            for step in range(STEPS):
-                for q in queues.values():
-                    q.enqueue(*step_keys(step, rank, batch), keep=torch.tensor(step != SKIPPED))
-                shards = [torch.empty(spr, 2 * E + 1) for _ in range(WORLD)]
-                s = queues["sharded"]
-                dist.all_gather(shards, torch.cat([s.image, s.text, s.ids[:, None].float()], 1))
-                rep = queues["replicated"]
-                results.append({"case": (batch, spr, ptr), "step": step, "pool": torch.cat(shards),
-                                "replicated": torch.cat([rep.image, rep.text, rep.ids[:, None].float()], 1),
-                                "ptr": (s.ptr, rep.ptr), "fill": (s.fill, rep.fill)})
-        if rank == 0:
-            torch.save(results, out)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    os._exit(code)
+                q.enqueue(*step_keys(step, rank, batch), keep=torch.tensor(step != SKIPPED))
+            shards = [torch.empty(spr, 2 * E + 1) for _ in range(WORLD)]
+            s = queues["sharded"]
+            dist.all_gather(shards, torch.cat([s.image, s.text, s.ids[:, None].float()], 1))
+            rep = queues["replicated"]
+            results.append({"case": (batch, spr, ptr), "step": step, "pool": torch.cat(shards),
+                            "replicated": torch.cat([rep.image, rep.text, rep.ids[:, None].float()], 1),
+                            "ptr": (s.ptr, rep.ptr), "fill": (s.fill, rep.fill)})
+    return results
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("queue") / "pools.pt")
-    run_forked_ranks(_rank_main, WORLD, free_port(), out, timeout=120)
-    return torch.load(out, weights_only=True)
+def results():
+    return run_gloo_ranks(_rank_main, WORLD, timeout=120)[0]
 
 
 def test_sharded_shards_equal_the_replicated_pool_after_every_step(results):

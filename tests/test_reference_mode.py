@@ -3,14 +3,13 @@ the authors' code switched back, and a training step's loss equal to the
 authors' UTO written out in float64."""
 import dataclasses
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import ROOT, free_port, run_forked_ranks
+from conftest import ROOT, run_gloo_ranks
 from dist_scripts.tiny_setup import make_batch
 from user_dist.config import LossConfig, QueueConfig, TextEncoderConfig, load_config
 from user_dist.loss import uto_loss
@@ -264,40 +263,28 @@ def test_max_text_len_0_keeps_long_captions_whole_up_to_the_encoders_positions(t
 
 # --------------------------------------------------------------------------- 2 gloo ranks
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        mine = slice(rank * B, (rank + 1) * B)
-        result = {}
-        for mode in ("replicated", "sharded"):
-            queue = NegativeQueues(QueueConfig(mode=mode, size_per_rank=SPR, init="random"), E)
-            slots = [torch.empty(queue.local, 2 * E + 1) for _ in range(WORLD)]
-            dist.all_gather(slots, torch.cat([queue.image, queue.text, queue.ids[:, None].float()], 1))
-            result[mode, "pool"] = slots  # replicated: every rank's copy; sharded: every rank's own slots
-            result[mode, "fill"] = queue.fill
-            for step, (img, txt, img_k, txt_k, ids) in enumerate(global_steps()):
-                loss, _ = uto_loss(img[mine], txt[mine], img_k[mine], txt_k[mine], ids[mine], queue,
-                                   LossConfig(mask_same_image=False))
-                losses = [torch.empty(()) for _ in range(WORLD)]
-                dist.all_gather(losses, loss.detach())
-                result[mode, step] = torch.stack(losses)
-                queue.enqueue(img_k[mine], txt_k[mine], ids[mine])
-        if rank == 0:
-            torch.save(result, out)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    os._exit(code)
+def _rank_main(rank: int) -> dict:
+    mine = slice(rank * B, (rank + 1) * B)
+    result = {}
+    for mode in ("replicated", "sharded"):
+        queue = NegativeQueues(QueueConfig(mode=mode, size_per_rank=SPR, init="random"), E)
+        slots = [torch.empty(queue.local, 2 * E + 1) for _ in range(WORLD)]
+        dist.all_gather(slots, torch.cat([queue.image, queue.text, queue.ids[:, None].float()], 1))
+        result[mode, "pool"] = slots  # replicated: every rank's copy; sharded: every rank's own slots
+        result[mode, "fill"] = queue.fill
+        for step, (img, txt, img_k, txt_k, ids) in enumerate(global_steps()):
+            loss, _ = uto_loss(img[mine], txt[mine], img_k[mine], txt_k[mine], ids[mine], queue,
+                               LossConfig(mask_same_image=False))
+            losses = [torch.empty(()) for _ in range(WORLD)]
+            dist.all_gather(losses, loss.detach())
+            result[mode, step] = torch.stack(losses)
+            queue.enqueue(img_k[mine], txt_k[mine], ids[mine])
+    return result
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("reference") / "result.pt")
-    run_forked_ranks(_rank_main, WORLD, free_port(), out, timeout=120)
-    return torch.load(out, weights_only=True)
+def two_ranks():
+    return run_gloo_ranks(_rank_main, WORLD, timeout=120)[0]
 
 
 def test_the_random_pool_is_the_same_on_every_rank_in_both_modes(two_ranks):

@@ -1,13 +1,11 @@
 """The training loop's small parts: the step window's timing, the one skip
 policy, the fault hooks, and the all-ranks-agree helper on real gloo ranks."""
 import logging
-import os
-import traceback
 
 import pytest
 import torch
 
-from conftest import free_port, run_forked_ranks
+from conftest import run_gloo_ranks
 from user_dist import distributed as du
 from user_dist.faults import Faults
 from user_dist.nonfinite import HostSkips, SkipPolicy
@@ -74,26 +72,13 @@ def test_fault_hooks_are_parsed_per_rank_and_poison_the_asked_micro_batches():
     assert Faults.from_env({}, rank=0) == Faults()
 
 
-def _agree_rank(rank: int, world: int, port: int, out: str) -> None:
-    code = 0
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world)
-        flags = [rank == 0, True, False]
-        got = {"any": du.agree(flags, "any").tolist(), "all": du.agree(flags, "all").tolist(),
-               "tensor": du.agree(torch.tensor(rank == 1), "any").item()}
-        torch.save(got, f"{out}.{rank}.pt")
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    os._exit(code)
+def _agree_rank(rank: int) -> dict:
+    flags = [rank == 0, True, False]
+    return {"any": du.agree(flags, "any").tolist(), "all": du.agree(flags, "all").tolist(),
+            "tensor": du.agree(torch.tensor(rank == 1), "any").item()}
 
 
-def test_every_rank_takes_the_same_decision(tmp_path):
-    out = str(tmp_path / "agree")
-    run_forked_ranks(_agree_rank, 2, 2, free_port(), out, timeout=120)
-    for rank in (0, 1):
-        got = torch.load(f"{out}.{rank}.pt", weights_only=True)
+def test_every_rank_takes_the_same_decision():
+    for got in run_gloo_ranks(_agree_rank, 2, timeout=120):
         assert got == {"any": [1, 1, 0], "all": [0, 1, 0], "tensor": 1}
     assert du.agree([True, False], "all").tolist() == [1, 0]  # one process: its own flags
