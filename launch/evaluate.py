@@ -402,7 +402,7 @@ def _evaluate_checkpoints(args) -> int:
 
 
 def main(argv=None) -> int:
-    from user_dist.distributed import shutdown, strip_local_rank_arg
+    from user_dist.distributed import strip_local_rank_arg
     from user_dist.monitor import setup_logging
 
     args = parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else list(argv)))
@@ -414,8 +414,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        shutdown()
 
 
 if __name__ == "__main__":

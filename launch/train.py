@@ -153,10 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from user_dist.distributed import shutdown
-
-    try:
-        code = main()
-    finally:
-        shutdown()  # before the interpreter's exit tears gloo's threads down
-    sys.exit(code)
+    sys.exit(main())

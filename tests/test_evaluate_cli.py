@@ -277,7 +277,6 @@ split = encode_split(Towers(), batches, torch.device("cpu"))
 if distributed.rank() == 0:
     torch.save({"images": split.images, "captions": split.captions, "ids": split.input_ids,
                 "thumbs": split.thumbnails}, sys.argv[1])
-distributed.shutdown()  # as launch/evaluate.py ends
 """
 
 

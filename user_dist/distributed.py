@@ -14,6 +14,7 @@ code runs on a GPU cluster and on a CPU laptop.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -145,14 +146,15 @@ def init_distributed(timeout_s: int = 600, use_deepspeed: bool = True) -> DistEn
     # now, under the long timeout. From here on a collective waits timeout_s.
     barrier()
     dist.set_timeout(datetime.timedelta(seconds=timeout_s))
+    atexit.register(shutdown)
     return de
 
 
 def shutdown() -> None:
-    """End this process's process group, if any. Call before a job exits:
-    gloo's threads torn down by the interpreter's exit instead can abort the
-    process ("terminate called without an active exception", exit -6) after
-    its work is done."""
+    """End this process's process group, if any. :func:`init_distributed`
+    registers it to run at exit: gloo's threads torn down by the
+    interpreter's exit instead can abort a process whose work is done
+    ("terminate called without an active exception", exit -6)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
