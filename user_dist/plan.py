@@ -55,7 +55,7 @@ class BatchLayout:
                 f"{self.grad_accum} = {self.global_batch}")
 
 
-def _divisors_near(n: int, unit: int) -> str:
+def _multiples_near(n: int, unit: int) -> str:
     """The multiples of ``unit`` next to ``n``, for an error message."""
     lo = max(unit, n // unit * unit)
     return f"{lo} or {lo + unit}" if lo != n else str(n)
@@ -106,7 +106,7 @@ class RunPlan:
                 raise ConfigError(
                     f"train.global_batch_size ({t.global_batch_size}) does not divide over {world_size} ranks x "
                     f"train.grad_accum {t.grad_accum} = {per_micro} micro-batches; use "
-                    f"{_divisors_near(t.global_batch_size, per_micro)} (or another train.grad_accum)")
+                    f"{_multiples_near(t.global_batch_size, per_micro)} (or another train.grad_accum)")
             per_rank = t.global_batch_size // per_micro
         else:
             per_rank = t.batch_size
@@ -123,7 +123,7 @@ class RunPlan:
             if q.size_rule == "samples" and pool != q.global_size:
                 raise ConfigError(
                     f"queue.global_size ({q.global_size}) does not divide over {world_size} ranks; use "
-                    f"{_divisors_near(q.global_size, world_size)}")
+                    f"{_multiples_near(q.global_size, world_size)}")
             per_rank_queue = pool // world_size
         else:
             per_rank_queue, pool = q.size_per_rank, q.size_per_rank * world_size
@@ -176,10 +176,6 @@ class RunPlan:
             queue=dataclasses.replace(q, size_per_rank=self.per_rank_queue, global_size=0, size_rule="samples",
                                       momentum=self.momentum, momentum_rule="none"),
             optim=dataclasses.replace(o, lr=self.lr, scale_rule="none", warmup_steps=self.warmup_steps))
-
-    @property
-    def layout(self) -> BatchLayout:
-        return BatchLayout(self.world_size, self.per_rank_batch, self.grad_accum)
 
     def as_dict(self) -> Dict[str, Any]:
         """The plan as JSON-able values (``--print-plan --json``)."""
