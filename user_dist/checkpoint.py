@@ -173,9 +173,11 @@ def _layout_from_config(ckpt_dir: str, world_size: int) -> Dict[str, Any]:
 def full_fp32_state_dict(engine) -> Dict[str, torch.Tensor]:
     """The online towers' weights in fp32 on CPU, on every rank.
 
-    With bf16 or ZeRO 1-2 the module holds low-precision copies and the fp32
-    master weights are partitioned in the optimiser; DeepSpeed assembles them
-    (a collective: every rank must call this).
+    With fp16 or ZeRO 1-2 the fp32 master weights of the trained parameters
+    are (partitioned) in the optimiser; DeepSpeed assembles them (a
+    collective: every rank must call this). Frozen parameters
+    (``model.*.freeze``) have no master copy: the module's own tensor is
+    exported, whole on every rank under ZeRO 1-2 (fp32 unless fp16).
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -402,14 +404,29 @@ def load_checkpoint(ckpt_dir: str, engine, *, universal: bool = False,
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt_dir}")
     if universal:
-        # The universal format carries parameters and optimiser state, not
-        # buffers (BatchNorm statistics): those come from our fp32 export.
-        weights = load_model_weights(ckpt_dir)
-        with torch.no_grad():
-            for name, buf in engine.module.named_buffers():
-                if name in weights:
-                    buf.copy_(weights[name])
+        _restore_outside_optimizer(engine.module, load_model_weights(ckpt_dir), ckpt_dir)
     return torch.load(os.path.join(ckpt_dir, "momentum.pt"), map_location="cpu", weights_only=True)
+
+
+def _restore_outside_optimizer(module: torch.nn.Module, weights: Dict[str, torch.Tensor], ckpt_dir: str) -> None:
+    """After a universal load: what DeepSpeed's universal format does not
+    carry, from our fp32 export. That format holds the optimiser's
+    parameters (and their state) only, and DeepSpeed then skips the module's
+    own state: the buffers (BatchNorm statistics) and the frozen parameters
+    (``model.*.freeze``) would keep the values of the freshly built model,
+    e.g. another weights file. Copied bit for bit (fp32 -> fp32; an fp16
+    module's frozen weights were exported from fp16)."""
+    frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+    targets = {**dict(module.named_buffers()), **frozen}
+    missing = sorted(name for name in frozen if name not in weights)
+    if missing:
+        raise ResumeError(f"{ckpt_dir}/model_fp32.pt holds no {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                          "frozen parameters of this model: was the checkpoint written with another model config? "
+                          "Resume with that config, or on the number of ranks that wrote it")
+    with torch.no_grad():
+        for name, t in targets.items():
+            if name in weights:
+                t.copy_(weights[name])
 
 
 def to_universal(ckpt_dir: str, saved_world: int) -> str:

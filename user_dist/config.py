@@ -196,6 +196,9 @@ class TextEncoderConfig:
     dropout: float = opt(0.1, "dropout of the encoder (hidden and attention; BERT's own value is 0.1)",
                          within="[0, 1)")
     lr_mult: float = opt(0.1, "learning-rate multiplier of the encoder's parameters (method.md: 0.1)", ge=0)
+    freeze: bool = opt(
+        False, "keep the encoder (embeddings and transformer layers) frozen: no gradient, no optimiser state, "
+        "eval mode (no dropout); the linear projection, CGE and GPO still train (docs/training.md)")
 
 
 @dataclass
@@ -205,7 +208,10 @@ class ImageEncoderConfig:
     backbone: str = opt("open_clip:ViT-B-32", "'open_clip:<model name>' or 'timm:<model name>'")
     weights: str = opt("", "local weights file, or '' for random init")
     lr_mult: float = opt(0.1, "learning-rate multiplier of the backbone's parameters", ge=0)
-    freeze: bool = opt(False, "keep the backbone frozen")
+    freeze: bool = opt(
+        False, "keep the backbone frozen: no gradient, no optimiser state, eval mode (no dropout, BatchNorm "
+        "statistics as loaded); the region head (projection, SGE/CGE, GPO) still trains. data.mode=jpg only "
+        "(docs/training.md)")
 
 
 @dataclass
@@ -333,7 +339,8 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = run all epochs)", ge=0)
     precision: str = opt("bf16", "precision of the online towers (docs/training.md)",
                          choices=("bf16", "fp16", "fp32"))
-    zero_stage: int = opt(0, "DeepSpeed ZeRO stage", choices=(0, 1, 2))
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage (3 is refused: it partitions the parameters, which the "
+                          "key towers and checkpoints read whole; docs/training.md)", choices=(0, 1, 2))
     seed: int = opt(0, "seed of initialisation, data order and augmentation")
     run_root: str = opt("runs", "where runs live; a run's folder is run_root/run_name")
     run_name: str = opt("default", "run folder name under run_root")
@@ -506,6 +513,9 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         # accumulated over micro-steps, or handed to ZeRO's reduction hooks, would be overwritten.
         fail("train.compile", f"'reduce-overhead' (CUDA graphs) needs train.grad_accum=1 and train.zero_stage=0, got "
              f"grad_accum={t.grad_accum}, zero_stage={t.zero_stage}; use train.compile=default instead")
+    if m.image.freeze and cfg.data.mode != "jpg":
+        fail("model.image.freeze", f"is true with data.mode={cfg.data.mode}: only data.mode=jpg has an image "
+             "backbone to freeze (region features come precomputed); set model.image.freeze=false")
     if m.text.hidden_size % m.text.num_heads:
         fail("model.text.num_heads", f"({m.text.num_heads}) must divide model.text.hidden_size "
              f"({m.text.hidden_size})")

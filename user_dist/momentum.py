@@ -14,6 +14,13 @@ In eval mode the key towers' BatchNorm running statistics are an EMA of the
 online ones with the same m (floating buffers are averaged like
 parameters), so they move on the time scale of the key weights. In train
 mode the key towers keep their own running statistics.
+
+Frozen parts (``model.image.freeze``, ``model.text.freeze``) are left out
+of the update: their parameters, and the buffers of modules whose
+parameters are all frozen (a frozen backbone's BatchNorm statistics, fixed
+in eval mode). The key copy of a frozen weight is therefore the weight
+itself, bit for bit, at any precision: an EMA towards a bf16/fp16 module's
+copy would drift, and would cost a lerp per frozen tensor per step.
 """
 from __future__ import annotations
 
@@ -66,7 +73,7 @@ class MomentumTowers:
 
     def _pairs(self, online: nn.Module, buffers: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Matching (key, online) floating tensors by name, trainable parameters
-        (and floating buffers when asked)."""
+        (and, when asked, the floating buffers of modules that are not frozen)."""
         key_p = dict(self.module.named_parameters())
         keys, vals = [], []
         for name, p in online.named_parameters():
@@ -75,10 +82,14 @@ class MomentumTowers:
                 vals.append(p.detach())
         if buffers:
             key_b = dict(self.module.named_buffers())
-            for name, b in online.named_buffers():
-                if b.is_floating_point() and id(key_b[name]) not in self._shared:
-                    keys.append(key_b[name])
-                    vals.append(b)
+            for prefix, module in online.named_modules():
+                own = list(module.parameters(recurse=False))
+                if own and not any(p.requires_grad for p in own):
+                    continue  # a frozen module's statistics: fixed (eval mode)
+                for name, b in module.named_buffers(prefix=prefix, recurse=False):
+                    if b.is_floating_point() and id(key_b[name]) not in self._shared:
+                        keys.append(key_b[name])
+                        vals.append(b)
         return keys, vals
 
     @torch.no_grad()

@@ -62,15 +62,40 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_cfg: Dict[str, Any], st
     clips to itself (0: DeepSpeed clips, or nobody;
     :func:`user_dist.deepspeed_config.take_clipping` takes it out of ``ds_cfg``).
     """
+    import logging
+
     import deepspeed
 
+    from .config import ConfigError
+    from .deepspeed_config import zero_stage
+    from .optimizer_state import summary
+
+    stage = zero_stage(ds_cfg)
+    if stage >= 3:
+        # Only a DeepSpeed JSON can ask for it (train.zero_stage allows 0-2).
+        raise ConfigError(
+            f"ZeRO stage {stage} (train.deepspeed_config {cfg.train.deepspeed_config}) is not supported: it "
+            "partitions the parameters themselves, while the fp32 key towers copy and follow them whole, "
+            "frozen towers (model.*.freeze) are restored from them, and the checkpoint's fp32 export reads "
+            "them. Use ZeRO 1 or 2 (optimiser state, and with 2 the gradients, split over the ranks)")
     o = cfg.optim
     # When the optimiser step is ours, non-finite steps are skipped on the
     # device (user_dist.nonfinite), which needs the fused AdamW's found_inf
     # (CUDA and CPU).
     fused = torch.cuda.is_available() or owns_optimizer
-    optimizer = torch.optim.AdamW(model.param_groups(o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    # Frozen parameters (model.*.freeze) are in no group: no Adam moments, and
+    # no place in ZeRO's flat fp32 partitions, which hold the groups' parameters only.
+    groups = model.param_groups(o)
+    assert all(p.requires_grad for g in groups for p in g["params"]), "a frozen parameter in an optimiser group"
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay, fused=fused or None)
+    if du.is_main():
+        s = summary(model, stage, du.world_size())
+        frozen = (f"; {s['frozen'] / 1e6:.2f}M frozen parameters take none (-{s['saved_bytes'] / 2 ** 20:.1f} MiB)"
+                  if s["frozen"] else "")
+        logging.getLogger("user_dist").info(
+            "optimiser: AdamW over %.2fM trained parameters, %.1f MiB of state per rank (ZeRO %d, %d ranks)%s",
+            s["trained"] / 1e6, s["state_bytes"] / 2 ** 20, stage, du.world_size(), frozen)
     scheduler = build_scheduler(optimizer, o, steps_per_epoch, total_steps)
     clip = take_clipping(ds_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)

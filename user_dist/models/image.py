@@ -111,8 +111,16 @@ class Backbone(nn.Module):
             if cfg.weights:
                 self.net.load_state_dict(_load_weights(cfg.weights), strict=False)
             self.dim = self.net.num_features
+        self.frozen = cfg.freeze
         if cfg.freeze:
-            self.net.requires_grad_(False)
+            self.net.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen means a fixed function: no dropout, BatchNorm statistics as loaded.
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(next(self.net.parameters()).dtype)

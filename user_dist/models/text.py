@@ -49,6 +49,9 @@ class TextTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = build_encoder(cfg.text)
+        self.frozen = cfg.text.freeze  # the encoder only, as model.image.freeze the backbone: the heads train
+        if self.frozen:
+            self.encoder.requires_grad_(False).eval()
         self.linear = nn.Linear(self.encoder.config.hidden_size, cfg.embed_size)
         gse = cfg.gse
         self.enhance_lambda = gse.enhance_lambda
@@ -59,6 +62,13 @@ class TextTower(nn.Module):
     @property
     def needs_clip(self) -> bool:
         return self.clip_guide is not None
+
+    def train(self, mode: bool = True) -> "TextTower":
+        # A frozen encoder is a fixed function: no dropout.
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 clip_text: Optional[torch.Tensor] = None) -> torch.Tensor:
