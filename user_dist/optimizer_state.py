@@ -17,7 +17,7 @@ init: seconds for ViT-B-32 + BERT-base).
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -57,22 +57,13 @@ def grad_bytes(trained: int, zero_stage: int, world_size: int) -> int:
     return GRAD_BYTES * trained // (world_size if zero_stage >= 2 else 1)
 
 
-def measured_state_bytes(engine) -> int:
-    """Bytes of every tensor the engine's optimiser holds as state: the base
-    optimiser's per-parameter state (its 0-d step counters aside) and the
-    fp32 master partitions of ZeRO 1-2. Adam's moments exist after the first step."""
-    opt = engine.optimizer
-    base = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimiser
-    tensors: List[torch.Tensor] = [t for state in base.state.values() for t in state.values()
-                                   if torch.is_tensor(t) and t.dim() > 0]
-    tensors += list(getattr(opt, "single_partition_of_fp32_groups", []))
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+def summary(model: torch.nn.Module, zero_stage: int, world_size: int) -> Dict[str, int]:
+    """What build_engine logs: parameter counts and state bytes per rank,
+    with the bytes freezing saved."""
+    trained, frozen = count_params(model)
+    now = state_bytes(trained, zero_stage, world_size)
+    return {"trained": trained, "frozen": frozen, "state_bytes": now,
+            "saved_bytes": state_bytes(trained + frozen, zero_stage, world_size) - now}
 
 
 def _mib(n: float) -> str:
@@ -119,15 +110,6 @@ def main(argv=None) -> int:
           f"text encoder {cfg.model.text.pretrained_path or 'BERT from the model.text sizes'}")
     print(table(cfg, args.world_size))
     return 0
-
-
-def summary(model: torch.nn.Module, zero_stage: int, world_size: int) -> Dict[str, int]:
-    """What build_engine logs: parameter counts and state bytes per rank,
-    with the bytes freezing saved."""
-    trained, frozen = count_params(model)
-    now = state_bytes(trained, zero_stage, world_size)
-    return {"trained": trained, "frozen": frozen, "state_bytes": now,
-            "saved_bytes": state_bytes(trained + frozen, zero_stage, world_size) - now}
 
 
 if __name__ == "__main__":
