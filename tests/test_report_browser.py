@@ -67,26 +67,28 @@ def test_region_shards_show_pictures_matched_by_id_from_another_folder(tmp_path,
 
     samples = raw_jpgs(small_synthetic / "jpg" / "test")
     # Another folder: the same split reversed, in other shards, without the first and last image
-    # (example queries on every page): matching by position would pick wrong pictures.
+    # and with a damaged picture of image 5 (example queries on this page: 0, 5, 11, 16);
+    # matching by position would pick wrong pictures.
     other = tmp_path / "pictures"
     with ShardWriter(str(other), split="test", source="synthetic", encoder=SampleEncoder(["jpg"], {}),
                      shard_size=4, build={}) as writer:
         for k, (_, jpg, meta) in reversed(list(enumerate(samples))):
             if k not in (0, len(samples) - 1):
-                writer.add(f"pic_{k:03d}", meta, {"jpg": jpg})
+                writer.add(f"pic_{k:03d}", meta, {"jpg": jpg if k != 5 else b"not a jpeg"})
     ckpt, _, _ = model_checkpoint(tmp_path / "run", 100, [f"data.test_shards={small_synthetic / 'regions' / 'test'}",
                                                           "eval.save_sims=true", "eval.report_examples=4"])
     assert job.main(["--checkpoint", str(ckpt), "--images-from", str(other)]) == 0
     out = tmp_path / "run" / "eval" / "step_00000100"
     page = (out / "report.html").read_text()
     sims = np.load(out / "sims.npy")
-    want = picture_cells(sims, 4, missing=(0, 16))
+    assert example_queries(4, 17).tolist() == [0, 5, 11, 16]
+    want = picture_cells(sims, 4, missing=(0, 5, 16))
     srcs = re.findall(r'<img src="([^"]+)" alt="image (\d+)"', page)
     assert [int(k) for _, k in srcs] == want
     for uri, k in srcs:  # the picture of the image's own id
         assert uri == jpeg_data_uri(samples[int(k)][1])
     shown = shown_images([sims], 4)
-    assert f"2 of the {len(shown)} images shown have no picture there" in page
+    assert f"3 of the {len(shown)} images shown have no picture there" in page
     assert len(set(uri for uri, _ in srcs)) == len(set(want))  # only the shown images are embedded
     seen = browser_images(page, tmp_path)
     assert len(seen) == len(want)

@@ -72,12 +72,10 @@ def _raw_at(manifest: Manifest, positions: Iterable[int]) -> Iterator[Tuple[int,
 
 
 def _readable(raw: RawSample) -> Optional[str]:
-    """The sample's picture as a data URI, None when it is not a readable image."""
+    """The sample's picture as a data URI, None when it has none or it is not a readable image."""
     try:
         return jpeg_data_uri(member(raw, "jpg"))
-    except ShardError:
-        return None
-    except Exception:  # noqa: BLE001 - a damaged picture only costs the page one thumbnail
+    except Exception:  # noqa: BLE001 - a missing or damaged picture only costs the page one thumbnail
         return None
 
 
