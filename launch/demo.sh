@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the built-in synthetic set (make demo):
 #   shards (built by make shards) -> 2-process DeepSpeed training -> evaluation
-#   of the final checkpoint (COCO-protocol 1K and 5K tables) -> where to look.
+#   of the final checkpoint (COCO-protocol 1K and 5K tables; the report shows
+#   the jpg shards' pictures) -> where to look.
 # Re-running it continues the same run (train.resume=auto): a finished run is
 # only evaluated again. `make clean-demo` starts over.
 set -euo pipefail
@@ -32,7 +33,11 @@ echo "== training took $(( $(date +%s) - start )) s"
 
 LATEST="$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")"
 echo "== evaluating $LATEST on the synthetic test split (5,000 images, 25,000 captions)"
-OMP_NUM_THREADS=2 $VPY launch/evaluate.py --checkpoint "$LATEST" eval.protocols='[coco1k,coco5k]'
+# The region shards have no pictures: the report shows those of the jpg shards of the same split.
+PICTURES=data/synthetic/shards/jpg/test
+IMAGES_FROM=()
+[ -f "$PICTURES/manifest.json" ] && IMAGES_FROM=(--images-from "$PICTURES")
+OMP_NUM_THREADS=2 $VPY launch/evaluate.py --checkpoint "$LATEST" "${IMAGES_FROM[@]}" eval.protocols='[coco1k,coco5k]'
 echo
 echo "== done in $(( $(date +%s) - start )) s"
 echo "metrics:      $RUN/eval/$(basename "$LATEST")/metrics.json"

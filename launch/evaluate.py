@@ -9,13 +9,16 @@
     python launch/evaluate.py --run runs/NAME --watch [--poll 60]
     # several ranks encode the split together
     torchrun --nproc_per_node 4 launch/evaluate.py --run runs/NAME --watch
+    # the momentum (EMA key) towers, or both sets side by side; pictures from jpg shards in the report
+    python launch/evaluate.py --checkpoint CKPT --towers both --images-from data/.../shards/jpg/test
 
 Any ``key=value`` after the options overrides the checkpoint's own config,
 e.g. ``eval.protocols=[generic] eval.batch_size=64 eval.save_sims=true``.
 For each checkpoint it writes RUN/eval/<tag>/metrics.json and report.html
 (and sims.npy with eval.save_sims), TensorBoard scalars eval/<protocol>/<metric>
-at the checkpoint's step into RUN/tb/eval, RUN/eval/best.json (highest rsum
-of the first protocol) and RUN/eval/state.json (what was done, across restarts).
+(eval/momentum/<protocol>/<metric> for the momentum towers) at the checkpoint's
+step into RUN/tb/eval, RUN/eval/best.json (highest rsum of the first protocol)
+and RUN/eval/state.json (what was done, across restarts).
 See docs/evaluation.md.
 """
 from __future__ import annotations
@@ -38,12 +41,14 @@ from user_dist.atomic import AtomicFile, atomic_json  # noqa: E402
 from user_dist.config import load_config  # noqa: E402
 from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
                                           evaluate, i2t_ranks_torch, t2i_ranks_torch)
-from user_dist.evaluation.report import format_table  # noqa: E402
+from user_dist.evaluation.report import TowerScores, format_table, shown_images, write_report  # noqa: E402
 
 log = logging.getLogger("user_dist.evaluate")
 
-# (step, {protocol: metrics}) from one checkpoint; None on ranks other than 0.
+# (step, results) from one checkpoint, results laid out as in metrics.json
+# (towers_results); None on ranks other than 0.
 Results = Optional[Tuple[int, Dict[str, dict]]]
+TOWERS = {"online": ("online",), "momentum": ("momentum",), "both": ("online", "momentum")}
 # The checkpoint's own run-time paths mean nothing to the evaluation job (the
 # run may have been resumed from a checkpoint pruned since): blank them so
 # that validation does not reject the config.
@@ -85,10 +90,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be evaluated (unreadable, corrupt, vanished, does not fit the model)."""
 
 
-def read_checkpoint(ckpt_dir: str, overrides: Sequence[str] = ()) -> Tuple[int, object, dict]:
+def read_checkpoint(ckpt_dir: str, overrides: Sequence[str] = (), towers: str = "online") -> Tuple[int, object, dict]:
     """(step from COMPLETE, the run's Config from config.yaml, the fp32 weights) of one checkpoint.
 
-    The weights are read with torch.load(weights_only=True): tensors only, no
+    towers: "online" (model_fp32.pt) or "momentum" (the EMA key towers,
+    momentum.pt, with the frozen CLIP they share from model_fp32.pt). The
+    weights are read with torch.load(weights_only=True): tensors only, no
     pickled code. Raises CheckpointError whatever is wrong with the files.
     """
     from user_dist import checkpoint
@@ -97,31 +104,81 @@ def read_checkpoint(ckpt_dir: str, overrides: Sequence[str] = ()) -> Tuple[int, 
         with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
             step = int(json.load(f)["step"])
         cfg = load_config(os.path.join(ckpt_dir, "config.yaml"), NEUTRAL_OVERRIDES + list(overrides))
-        return step, cfg, checkpoint.load_model_weights(ckpt_dir)
+        weights = checkpoint.load_model_weights(ckpt_dir)
+        if towers == "momentum":
+            shared = {k: v for k, v in weights.items() if k.startswith("clip.")}
+            weights = {**checkpoint.load_momentum_weights(ckpt_dir), **shared}
+        return step, cfg, weights
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
         raise CheckpointError(f"{ckpt_dir}: {type(exc).__name__}: {exc}") from exc
 
 
+def towers_results(by_towers: Dict[str, Dict[str, dict]]) -> Dict[str, dict]:
+    """{"online": {protocol: metrics}, "momentum": {...}} -> the layout of metrics.json.
+
+    The online towers' protocols stay at the top level (as before --towers
+    existed: readers of online results see no change); the momentum towers'
+    go under "momentum" (no protocol has that name).
+    """
+    out = dict(by_towers.get("online", {}))
+    if "momentum" in by_towers:
+        out["momentum"] = by_towers["momentum"]
+    return out
+
+
+def tower_sets(results: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
+    """The inverse of towers_results: {"online": {protocol: metrics}, "momentum": {...}}, sets present only."""
+    online = {k: v for k, v in results.items() if k != "momentum"}
+    sets = {"online": online} if online else {}
+    if "momentum" in results:
+        sets["momentum"] = results["momentum"]
+    return sets
+
+
+def format_results(results: Dict[str, dict]) -> str:
+    """The terminal table; with both sets of towers one protocol's two rows sit together."""
+    sets = tower_sets(results)
+    if list(sets) == ["online"]:
+        return format_table(results)
+    first = next(iter(sets.values()))
+    return format_table({f"{p} ({name})": m[p] for p in first for name, m in sets.items() if p in m})
+
+
 class CheckpointEvaluator:
-    """Load a checkpoint's online towers, encode the test split, score, write the artifacts.
+    """Load a checkpoint's towers, encode the test split, score, write the artifacts.
 
     Called on every rank (the split is encoded by all ranks together); rank 0
     scores and writes out_dir/report.html (and sims.npy with eval.save_sims).
     Only what is read from the checkpoint raises CheckpointError; a missing
     test split or a protocol that does not fit it are errors of the job.
+
+    Args:
+        towers: "online", "momentum" or "both" (TOWERS): which sets are scored.
+        images_from: a jpg shard folder whose pictures the report shows, matched by image id.
     """
 
-    def __init__(self, shards: Optional[str] = None, overrides: Sequence[str] = ()):
+    def __init__(self, shards: Optional[str] = None, overrides: Sequence[str] = (), towers: str = "online",
+                 images_from: str = ""):
         load_config(None, overrides)  # a bad override is the user's error for every checkpoint: fail now
-        self.shards, self.overrides = shards, list(overrides)
+        if towers not in TOWERS:
+            raise ValueError(f"towers must be one of {', '.join(TOWERS)}, got {towers!r}")
+        if images_from:
+            from user_dist.data_format import load_manifest
 
-    def load(self, ckpt_dir: str):
-        """(step, cfg, model on the CPU in fp32, eval mode) of one checkpoint, agreed on every rank."""
+            if not load_manifest(images_from).has("jpg"):  # a wrong folder fails now, not after encoding
+                raise ValueError(f"--images-from {images_from}: not a jpg shard folder (its manifest lists "
+                                 f"{', '.join(load_manifest(images_from).members)})")
+        self.shards, self.overrides = shards, list(overrides)
+        self.towers, self.images_from = TOWERS[towers], images_from
+
+    def load(self, ckpt_dir: str, towers: str = "online"):
+        """(step, cfg, model on the CPU in fp32, eval mode) of one checkpoint's online or momentum
+        towers, agreed on every rank."""
         from user_dist.models import build_model
 
         error, loaded = None, None
         try:
-            step, cfg, weights = read_checkpoint(ckpt_dir, self.overrides)
+            step, cfg, weights = read_checkpoint(ckpt_dir, self.overrides, towers)
             try:
                 model = build_model(cfg.model, cfg.data.mode)
                 model.load_state_dict(weights)  # strict: every tensor must fit the model of its config
@@ -137,17 +194,45 @@ class CheckpointEvaluator:
     def __call__(self, ckpt_dir: str, out_dir: str) -> Results:
         import torch
 
+        scored = {}  # towers -> TowerScores, rank 0 only
+        for towers in self.towers:
+            step, cfg, split, device = self._encode(ckpt_dir, towers)
+            if split is None:
+                continue
+            # Scored where the matrix is computed; only the rank vectors come back per protocol.
+            sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
+            results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
+            # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
+            ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
+            scored[towers] = TowerScores(towers, results, sims.cpu().numpy(), ranks)  # once, for the report
+            del sims
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if not scored:
+            return None
+        os.makedirs(out_dir, exist_ok=True)
+        if cfg.eval.save_sims:
+            for towers, s in scored.items():
+                name = "sims.npy" if towers == "online" else f"sims_{towers}.npy"
+                with AtomicFile(os.path.join(out_dir, name), "wb") as f:
+                    np.save(f, s.sims)
+        self._report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",
+                     list(scored.values()), split, cfg)
+        return step, towers_results({t: s.results for t, s in scored.items()})
+
+    def _encode(self, ckpt_dir: str, towers: str):
+        """(step, cfg, EncodedSplit or None on ranks other than 0, device): one set of towers over the split."""
+        import torch
+
         from user_dist import distributed
         from user_dist.data import eval_loader
         from user_dist.evaluation.encode import encode_split
-        from user_dist.evaluation.report import write_report
         from user_dist.tokenizer import build_tokenizer
 
-        step, cfg, model = self.load(ckpt_dir)
+        step, cfg, model = self.load(ckpt_dir, towers)
         device = distributed.device_for(int(os.environ.get("LOCAL_RANK", 0)))
         model.to(device)
-        tokenizer = build_tokenizer(cfg.model.text)
-        batches = eval_loader(self.shards or cfg.data.test_shards, cfg.data, tokenizer, cfg.eval.batch_size,
+        batches = eval_loader(self.split_dir(cfg), cfg.data, build_tokenizer(cfg.model.text), cfg.eval.batch_size,
                               rank=distributed.rank(), world_size=distributed.world_size())
         split = encode_split(model, batches, device)
         del model
@@ -155,27 +240,24 @@ class CheckpointEvaluator:
             torch.cuda.empty_cache()
         n = split.images.shape[0]
         for p in cfg.eval.protocols:  # on every rank, so that all stop together
-            check_shape((n, 5 * n), p, source=f"test split {self.shards or cfg.data.test_shards}")
-        if distributed.rank() != 0:
-            return None
-        # Scored where the matrix is computed; only the rank vectors come back per protocol.
-        sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
-        results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
-        # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
-        ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
-        sims = sims.cpu().numpy()  # once, for the report's examples and sims.npy
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        os.makedirs(out_dir, exist_ok=True)
-        if cfg.eval.save_sims:
-            with AtomicFile(os.path.join(out_dir, "sims.npy"), "wb") as f:
-                np.save(f, sims)
-        captions = tokenizer.batch_decode(split.input_ids, skip_special_tokens=True)
-        thumbs = split.thumbnails.numpy() if split.thumbnails is not None else None
-        write_report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",
-                     results, sims, captions, [f"image #{k}" for k in range(sims.shape[0])], thumbs,
-                     examples=cfg.eval.report_examples, ranks=ranks)
-        return step, results
+            check_shape((n, 5 * n), p, source=f"test split {self.split_dir(cfg)}")
+        return step, cfg, (split if distributed.rank() == 0 else None), device
+
+    def split_dir(self, cfg) -> str:
+        return self.shards or cfg.data.test_shards
+
+    def _report(self, path: str, title: str, scored: List[TowerScores], split, cfg) -> None:
+        """report.html: every set of towers scored, with pictures of the images it shows when at hand."""
+        from user_dist.evaluation.thumbnails import report_images
+        from user_dist.tokenizer import build_tokenizer
+
+        captions = build_tokenizer(cfg.model.text).batch_decode(split.input_ids, skip_special_tokens=True)
+        shown = shown_images([s.sims for s in scored], cfg.eval.report_examples)
+        images = report_images(self.split_dir(cfg), shown, self.images_from) if shown else None
+        first, *more = scored
+        write_report(path, title, first.results, first.sims, captions,
+                     [f"image #{k}" for k in range(first.sims.shape[0])], images,
+                     examples=cfg.eval.report_examples, ranks=first.ranks, towers=first.name, more=more)
 
 
 def _all_ranks_ok(ok: bool) -> bool:
@@ -238,20 +320,25 @@ class RunRecorder:
         # would skip the later files' scalars.
         if self._writer is None:
             self._writer = SummaryWriter(os.path.join(self.run_dir, "tb", "eval"))
-        for protocol, metrics in results.items():
-            for key, value in metrics.items():
-                if key != "folds":
-                    self._writer.add_scalar(f"eval/{protocol}/{key}", value, step)
+        sets = tower_sets(results)
+        for towers, by_protocol in sets.items():
+            prefix = "eval" if towers == "online" else f"eval/{towers}"  # online: the tags from before --towers
+            for protocol, metrics in by_protocol.items():
+                for key, value in metrics.items():
+                    if key != "folds":
+                        self._writer.add_scalar(f"{prefix}/{protocol}/{key}", value, step)
         self._writer.flush()
-        protocol = next(iter(results))
-        rsum = results[protocol]["rsum"]
+        towers, by_protocol = next(iter(sets.items()))  # the first set scored ranks the checkpoints
+        protocol = next(iter(by_protocol))
+        rsum = by_protocol[protocol]["rsum"]
         best_path = os.path.join(self.eval_dir, "best.json")
         best = None
         if os.path.isfile(best_path):
             with open(best_path) as f:
                 best = json.load(f)
-        if best is None or best.get("protocol") != protocol or rsum > best["rsum"]:
-            atomic_json(best_path, {"tag": tag, "step": step, "protocol": protocol, "rsum": rsum,
+        if (best is None or best.get("protocol") != protocol or best.get("towers", "online") != towers
+                or rsum > best["rsum"]):
+            atomic_json(best_path, {"tag": tag, "step": step, "protocol": protocol, "towers": towers, "rsum": rsum,
                                      "metrics": os.path.join(tag, "metrics.json")})
         self.state["evaluated"][tag] = {"step": step, "rsum": rsum}
         self._save_state()
@@ -309,7 +396,7 @@ class Watcher:
                     step, results = out
                     self.recorder.record(tag, step, results)
                     log.info("evaluated %s (step %d) in %.1f s\n%s", tag, step, time.time() - started,
-                             format_table(results))
+                             format_results(results))
             handled.append(tag)
         return handled
 
@@ -345,6 +432,12 @@ def parse_args(argv):
     p.add_argument("--poll", type=float, default=60.0, metavar="S", help="with --watch: seconds between scans")
     p.add_argument("--shards", metavar="DIR", help="test split to encode (default: the config's data.test_shards)")
     p.add_argument("--out", metavar="DIR", help="with --checkpoint outside a run folder: where to write")
+    p.add_argument("--towers", choices=list(TOWERS), default="online",
+                   help="checkpoint modes: score the online towers (model_fp32.pt, the paper's protocol), the "
+                        "momentum (EMA key) towers (momentum.pt), or both side by side")
+    p.add_argument("--images-from", metavar="DIR", default="",
+                   help="checkpoint modes: a jpg shard folder of the test split; the report shows its pictures "
+                        "of the images it lists, matched by image id (jpg test shards are used without it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.sims and not args.protocol:
@@ -353,8 +446,8 @@ def parse_args(argv):
         p.error("--protocol and --json go with --sims; for checkpoints set eval.protocols=[...]")
     if args.watch and not args.run:
         p.error("--watch goes with --run DIR")
-    if args.sims and (args.overrides or args.shards):
-        p.error("--sims takes no shards and no key=value overrides")
+    if args.sims and (args.overrides or args.shards or args.images_from or args.towers != "online"):
+        p.error("--sims takes no shards, --towers, --images-from or key=value overrides")
     if args.checkpoint and not args.out and run_dir_of(args.checkpoint) is None:
         p.error(f"{args.checkpoint} is not inside RUN/checkpoints/: give --out DIR for its results")
     return args
@@ -375,7 +468,7 @@ def _evaluate_checkpoints(args) -> int:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         distributed.init_distributed(use_deepspeed=False)
     main_rank = distributed.is_main()
-    evaluator = CheckpointEvaluator(args.shards, args.overrides)
+    evaluator = CheckpointEvaluator(args.shards, args.overrides, args.towers, args.images_from)
     if args.run:
         watcher = Watcher(args.run, evaluator, RunRecorder(args.run, writes=main_rank))
         if args.watch:
@@ -397,7 +490,7 @@ def _evaluate_checkpoints(args) -> int:
             recorder.record(tag, step, results)
         else:
             atomic_json(os.path.join(out_dir, "metrics.json"), {"tag": tag, "step": step, **results})
-        print(format_table(results))
+        print(format_results(results))
     return 0
 
 

@@ -202,3 +202,14 @@ def tiny_shards(tmp_path_factory):
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory):
+    """The synthetic set in both modes, 17 test images (shards of 5), 32-d regions:
+    root/shards/regions/test and root/shards/jpg/test hold the same images."""
+    from data_shards.synthetic import build_synthetic
+
+    out = tmp_path_factory.mktemp("small_synthetic")
+    build_synthetic(str(out), train_images=2, val_images=2, test_images=17, region_dim=32, shard_size=5)
+    return out / "shards"

@@ -71,15 +71,23 @@ def test_caption_queries_list_their_top5_images_with_the_correct_one_marked():
         assert [c[0] for c in cells] == ["ok" if k == j // 5 else "no" for k in want]
 
 
-def test_thumbnails_are_embedded_as_png_data():
-    sims, captions, labels = toy_split(n=3)
-    thumbs = np.random.default_rng(2).integers(0, 255, size=(3, 3, 64, 64), dtype=np.uint8)
-    page = render_html("t", {}, sims, captions, labels, thumbnails=thumbs, examples=1)
-    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert uris
+def test_pictures_are_embedded_as_jpeg_data_and_missing_ones_are_counted():
+    from user_dist.evaluation.report import shown_images
+    from user_dist.evaluation.thumbnails import ReportImages, jpeg_data_uri
+
+    sims, captions, labels = toy_split(n=8)
+    pixels = np.random.default_rng(2).integers(0, 255, size=(200, 300, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    shown = shown_images([sims], 1)
+    images = ReportImages("pics/test", {k: jpeg_data_uri(buf.getvalue()) for k in shown[1:]})  # the first has none
+    page = render_html("t", {}, sims, captions, labels, images, examples=1)
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert uris and len(set(uris)) == 1
     img = Image.open(io.BytesIO(base64.b64decode(uris[0])))
-    assert img.size == (64, 64)
-    np.testing.assert_array_equal(np.asarray(img).transpose(2, 0, 1), thumbs[0])  # image 0 is the first query
+    assert img.format == "JPEG" and img.size == (112, 75)  # shrunk to 112 px a side, aspect kept
+    assert f"1 of the {len(shown)} images shown have no picture there" in page and "pics/test" in page
+    assert labels[shown[0]] in page.split("<table>", 2)[2]  # the one without a picture: label and caption
 
 
 def test_page_is_self_contained_escaped_and_has_both_recall_curves(tmp_path):

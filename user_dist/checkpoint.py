@@ -582,3 +582,16 @@ def load_model_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a user-dist checkpoint or is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_momentum_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """The key (momentum) towers' fp32 weights from momentum.pt, tensors only (weights_only=True).
+
+    They leave out the frozen CLIP the key towers share with the online ones
+    (``clip.*``, see MomentumTowers.state_dict): take those from model_fp32.pt.
+    """
+    path = os.path.join(ckpt_dir, "momentum.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} holds no momentum towers (not a user-dist "
+                                "checkpoint, or incomplete); evaluate its online towers (--towers online)")
+    return torch.load(path, map_location="cpu", weights_only=True)

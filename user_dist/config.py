@@ -355,6 +355,9 @@ class TrainConfig:
         "DeepSpeed version wrote.")
     validate_every_epochs: int = opt(1, "validation (val split, generic protocol) every N epochs; 0 = never",
                                      ge=0)
+    validate_towers: str = opt(
+        "online", "the towers validation scores, which pick the best checkpoint: 'online' (the paper's protocol) "
+        "or 'momentum' (the EMA key towers; docs/evaluation.md)", choices=("online", "momentum"))
     max_nonfinite_in_a_row: int = opt(10, "stop after this many non-finite skips in a row (docs/training.md)",
                                       gt=0)
     deterministic: bool = opt(False, "torch deterministic algorithms (exact, slower)")

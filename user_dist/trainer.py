@@ -285,12 +285,14 @@ class Trainer:
     # ----------------------------------------------------------------- validation
 
     def validate(self) -> Optional[float]:
-        """rsum on the val split (generic protocol); keeps the best checkpoint."""
+        """rsum on the val split (generic protocol) of the train.validate_towers (online or momentum);
+        keeps the best checkpoint by it."""
         from .data import eval_loader
         from .evaluation.encode import encode_split
         from .evaluation.metrics import evaluate
 
-        model = self.train_step.engine.module
+        momentum = self.cfg.train.validate_towers == "momentum"
+        model = self.train_step.momentum.module if momentum else self.train_step.engine.module
         was_training = model.training
         batches = eval_loader(self.cfg.data.val_shards, self.cfg.data, self.tokenizer, self.cfg.eval.batch_size,
                               rank=self.rank, world_size=self.world)
@@ -303,10 +305,11 @@ class Trainer:
         if du.is_main():
             m = evaluate(split.similarities().numpy(), "generic", source=self.cfg.data.val_shards)
             rsum = m["rsum"]
-            self.monitor.scalars({f"val/{k}": float(v) for k, v in m.items() if not isinstance(v, (list, dict))},
+            prefix = "val/momentum" if momentum else "val"  # online: the tags from before validate_towers
+            self.monitor.scalars({f"{prefix}/{k}": float(v) for k, v in m.items() if not isinstance(v, (list, dict))},
                                  self.pos.step)
-            log.info("validation at epoch %d: rsum %.2f (i2t R@1 %.2f, t2i R@1 %.2f)", self.pos.epoch, rsum,
-                     m["i2t_r1"], m["t2i_r1"])
+            log.info("validation of the %s towers at epoch %d: rsum %.2f (i2t R@1 %.2f, t2i R@1 %.2f)",
+                     self.cfg.train.validate_towers, self.pos.epoch, rsum, m["i2t_r1"], m["t2i_r1"])
         # Rank 0 scored; every rank needs the same best tag (for pruning).
         box = torch.tensor([float("nan") if rsum is None else rsum], dtype=torch.float64,
                            device=du.collective_device())

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from user_dist import distributed
 
 CAPTIONS_PER_IMAGE = 5
-THUMBNAIL_SIZE = 64
 
 
 @dataclass
@@ -30,7 +29,6 @@ class EncodedSplit:
     images: torch.Tensor  # (N, E) float32, L2-normalised
     captions: torch.Tensor  # (5N, E) float32, image k's captions at rows 5k..5k+4
     input_ids: torch.Tensor  # (5N, L) int64, the captions' tokens (for the report's text)
-    thumbnails: Optional[torch.Tensor]  # (N, 3, 64, 64) uint8 in 'jpg' mode, else None
 
     def similarities(self, device: torch.device = torch.device("cpu"), keep_on_device: bool = False) -> torch.Tensor:
         """(N, 5N) float32 image x caption inner products, computed on ``device``.
@@ -61,15 +59,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
                 v = v.float()
         out[k] = v
     return out
-
-
-def _thumbnails(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised float -> (B, 3, 64, 64) uint8, contrast stretched per image."""
-    small = F.interpolate(images.float(), size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear",
-                          antialias=True, align_corners=False)
-    lo = small.amin(dim=(1, 2, 3), keepdim=True)
-    hi = small.amax(dim=(1, 2, 3), keepdim=True)
-    return ((small - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8).cpu()
 
 
 def _gather_padded(x: torch.Tensor, counts: list, device: torch.device, pad_value: int = 0) -> torch.Tensor:
@@ -105,7 +94,7 @@ def encode_split(model: torch.nn.Module, batches: Iterable[dict], device: torch.
     """
     model.eval()
     autocast = autocast_for(device, dtype)
-    index, img, cap, ids, thumbs = [], [], [], [], []
+    index, img, cap, ids = [], [], [], []
     for batch in batches:
         b = batch["image_index"].shape[0]
         if batch["input_ids"].shape[0] != CAPTIONS_PER_IMAGE * b:
@@ -117,8 +106,6 @@ def encode_split(model: torch.nn.Module, batches: Iterable[dict], device: torch.
             cap.append(model.encode_text(on_device).float().cpu())  # (5B, E)
         index.append(batch["image_index"].long().cpu())
         ids.append(batch["input_ids"].long().cpu())
-        if "images" in batch:
-            thumbs.append(_thumbnails(batch["images"]))
     # Agree on every rank's image count and token length before anything else,
     # so that all ranks raise together instead of some waiting in a gather.
     world = distributed.world_size()
@@ -130,14 +117,12 @@ def encode_split(model: torch.nn.Module, batches: Iterable[dict], device: torch.
                          f"{[r for r, c in enumerate(counts) if c == 0]} of {world}; check the shard folder "
                          "and that it holds at least one shard per rank")
     index_t, img_t, cap_t = torch.cat(index), torch.cat(img), torch.cat(cap)
-    ids_t, thumbs_t = _pad_tokens(ids), (torch.cat(thumbs) if thumbs else None)
+    ids_t = _pad_tokens(ids)
     ids_t = F.pad(ids_t, (0, int(sizes[:, 1].max()) - ids_t.shape[1]))
     five = [CAPTIONS_PER_IMAGE * n for n in counts]
     index_t = _gather_padded(index_t, counts, device, pad_value=-1)
     img_t, cap_t = _gather_padded(img_t, counts, device), _gather_padded(cap_t, five, device)
     ids_t = _gather_padded(ids_t, five, device)
-    if thumbs_t is not None:
-        thumbs_t = _gather_padded(thumbs_t, counts, device)
 
     n = index_t.shape[0]
     seen = torch.bincount(index_t.clamp(0, n), minlength=n + 1)
@@ -149,5 +134,4 @@ def encode_split(model: torch.nn.Module, batches: Iterable[dict], device: torch.
                          f"[{int(index_t.min())}, {int(index_t.max())}]")
     order = torch.argsort(index_t)  # split position -> row
     cap_order = (order[:, None] * CAPTIONS_PER_IMAGE + torch.arange(CAPTIONS_PER_IMAGE)).flatten()
-    return EncodedSplit(img_t[order], cap_t[cap_order], ids_t[cap_order],
-                        thumbs_t[order] if thumbs_t is not None else None)
+    return EncodedSplit(img_t[order], cap_t[cap_order], ids_t[cap_order])

@@ -2,22 +2,24 @@
 
 The page is self-contained (no network, no files beside it): the metrics per
 protocol, for a few test images their top-5 captions (correct ones marked),
-for a few captions their top-5 images (a thumbnail when the split has
-pictures, else the image's label and first caption), and recall@K curves for
-both directions as inline SVG. The examples are evenly spaced over the split,
-so the pages of successive checkpoints show the same queries.
+for a few captions their top-5 images (a JPEG thumbnail embedded in the page
+when pictures are at hand, user_dist.evaluation.thumbnails; else the image's
+label and first caption), and recall@K curves for both directions as inline
+SVG. The examples are evenly spaced over the split, so the pages of
+successive checkpoints show the same queries. A page may show several sets
+of towers of one checkpoint (online and momentum) side by side.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from user_dist.atomic import atomic_write
 from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, METRIC_KEYS, i2t_ranks, recall_curve, t2i_ranks
+from user_dist.evaluation.thumbnails import ReportImages
 
 TOP = 5
 CURVE_MAX_K = 50
@@ -43,15 +45,6 @@ def top_k(scores: np.ndarray, k: int = TOP) -> np.ndarray:
     k = min(k, scores.shape[0])
     part = np.argpartition(-scores, k - 1)[:k]
     return part[np.lexsort((part, -scores[part]))]
-
-
-def _png_data_uri(thumb: np.ndarray) -> str:
-    """(3, H, W) uint8 -> data:image/png;base64,..."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(thumb.transpose(1, 2, 0))).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def recall_svg(curves: Dict[str, np.ndarray], width: int = 420, height: int = 260) -> str:
@@ -81,32 +74,108 @@ def recall_svg(curves: Dict[str, np.ndarray], width: int = 420, height: int = 26
     return "\n".join(parts)
 
 
-def _image_cell(k: int, labels: Sequence[str], captions: Sequence[str], thumbs: Optional[np.ndarray]) -> str:
-    if thumbs is not None:
-        return f'<img src="{_png_data_uri(thumbs[k])}" alt="image {k}" title="{html.escape(labels[k])}">'
+@dataclass
+class TowerScores:
+    """One set of towers' scores of the split, as the page shows them.
+
+    name: "online" or "momentum" ("" for a page that does not say).
+    results: protocol -> metrics dict (METRIC_KEYS).
+    sims: (N, 5N) image x caption scores of the whole split.
+    ranks: (i2t (N,), t2i (5N,)) 0-based ranks over the whole split when the
+        caller has them (the evaluation job counts them on the device); None:
+        counted here with numpy.
+    """
+
+    name: str
+    results: Dict[str, dict]
+    sims: np.ndarray
+    ranks: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+
+def shown_images(sims: Sequence[np.ndarray], examples: int) -> List[int]:
+    """Split positions of every image the page shows for these matrices (the
+    image queries and the caption queries' top-5 images), sorted: the only
+    pictures worth reading."""
+    n = sims[0].shape[0]
+    shown = set(example_queries(examples, n).tolist())
+    for s in sims:
+        for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
+            shown.update(top_k(s[:, j]).tolist())
+    return sorted(shown)
+
+
+def _image_cell(k: int, labels: Sequence[str], captions: Sequence[str], images: Optional[ReportImages]) -> str:
+    if images is not None and k in images.uris:
+        return f'<img src="{images.uris[k]}" alt="image {k}" title="{html.escape(labels[k])}">'
     return (f"<b>{html.escape(labels[k])}</b><br><small>{html.escape(captions[CAPTIONS_PER_IMAGE * k])}"
             "</small>")
 
 
+def _images_note(shown: Sequence[int], images: Optional[ReportImages]) -> str:
+    """One line on where the pictures come from, and how many shown images have none."""
+    if not shown:
+        return ""
+    if images is None:
+        return ("<p>No pictures at hand for this split: images are shown by their label and first caption "
+                "(the evaluation job's <code>--images-from</code> names a jpg shard folder of the split).</p>")
+    missing = [k for k in shown if k not in images.uris]
+    note = f"<p>Pictures from <code>{html.escape(images.source)}</code>"
+    if missing:
+        note += (f"; {len(missing)} of the {len(shown)} images shown have no picture there "
+                 "(shown by label and first caption)")
+    return note + ".</p>"
+
+
+def _examples(scores: TowerScores, ranks: Tuple[np.ndarray, np.ndarray], suffix: str, captions: Sequence[str],
+              labels: Sequence[str], images: Optional[ReportImages], examples: int) -> List[str]:
+    """The two example tables of one set of towers: image queries' top-5 captions, captions' top-5 images."""
+    esc, sims, (ri, rt) = html.escape, scores.sims, ranks
+    n = sims.shape[0]
+    out = [f"<h2>Image to text: top-5 captions{suffix}</h2><table>"]
+    for k in example_queries(examples, n):
+        out.append(f'<tr><td class="q">{_image_cell(k, labels, captions, images)}'
+                   f"<br>rank of its best caption: {ri[k] + 1}</td>")
+        for j in top_k(sims[k]):
+            ok = j // CAPTIONS_PER_IMAGE == k
+            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}{esc(captions[j])}'
+                       f"<br><small>{sims[k, j]:.3f}</small></td>")
+        out.append("</tr>")
+    out.append(f"</table><h2>Text to image: top-5 images{suffix}</h2><table>")
+    for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
+        out.append(f'<tr><td class="q">{esc(captions[j])}<br>rank of its image: {rt[j] + 1}</td>')
+        for k in top_k(sims[:, j]):
+            ok = k == j // CAPTIONS_PER_IMAGE
+            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}'
+                       f"{_image_cell(k, labels, captions, images)}"
+                       f"<br><small>{sims[k, j]:.3f}</small></td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return out
+
+
 def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions: Sequence[str],
-                image_labels: Sequence[str], thumbnails: Optional[np.ndarray] = None,
-                examples: int = 5, ranks: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> str:
+                image_labels: Sequence[str], images: Optional[ReportImages] = None,
+                examples: int = 5, ranks: Optional[Tuple[np.ndarray, np.ndarray]] = None, *,
+                towers: str = "", more: Sequence[TowerScores] = ()) -> str:
     """The report page.
 
     Args:
-        results: protocol -> metrics dict (METRIC_KEYS).
-        sims: (N, 5N) image x caption scores of the whole split.
+        results, sims, ranks: the first set of towers' scores (TowerScores).
         captions: 5N caption texts; image_labels: N names (keys or "image #k").
-        thumbnails: (N, 3, h, w) uint8, or None when the split has no pictures.
+        images: pictures of (some of) the shown images (thumbnails.report_images),
+            or None when there are none at hand.
         examples: image queries and caption queries shown.
-        ranks: (i2t (N,), t2i (5N,)) 0-based ranks over the whole split when the
-            caller has them (the evaluation job counts them on the device);
-            None: counted here with numpy.
+        towers: the first set's name ("online", "momentum"); said on the page
+            unless it is "" or the only set is "online" (the default page).
+        more: further sets of towers of the same split, shown after the first.
     """
+    sets = [TowerScores(towers, results, sims, ranks), *more]
     n = sims.shape[0]
     if len(captions) != CAPTIONS_PER_IMAGE * n or len(image_labels) != n:
         raise ValueError(f"report: {len(captions)} captions and {len(image_labels)} image labels given for a "
                          f"{sims.shape} similarity matrix; expected {CAPTIONS_PER_IMAGE * n} and {n}")
+    named = len(sets) > 1 or towers not in ("", "online")
+    suffix = {s.name: f" ({s.name} towers)" if named else "" for s in sets}
     esc = html.escape
     out: List[str] = [
         "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
@@ -119,34 +188,24 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
         "counts as ranked above it.</p><table><tr><th>protocol</th>",
         *(f"<th>{k}</th>" for k in METRIC_KEYS), "</tr>",
     ]
-    for p, m in results.items():
-        out.append(f"<tr><td>{esc(p)}</td>" + "".join(f"<td>{m[k]:.2f}</td>" for k in METRIC_KEYS) + "</tr>")
+    for p in sets[0].results:  # one protocol's rows together: the sets of towers side by side
+        for s in sets:
+            if p in s.results:
+                m = s.results[p]
+                out.append(f"<tr><td>{esc(p + suffix[s.name])}</td>"
+                           + "".join(f"<td>{m[k]:.2f}</td>" for k in METRIC_KEYS) + "</tr>")
     out.append("</table>")
 
-    ri, rt = ranks if ranks is not None else (i2t_ranks(sims), t2i_ranks(sims))
-    curves = {"image to text": recall_curve(ri, min(CURVE_MAX_K, CAPTIONS_PER_IMAGE * (n - 1) + 1)),
-              "text to image": recall_curve(rt, min(CURVE_MAX_K, n))}
+    all_ranks = [s.ranks if s.ranks is not None else (i2t_ranks(s.sims), t2i_ranks(s.sims)) for s in sets]
+    curves = {}
+    for s, (ri, rt) in zip(sets, all_ranks):
+        curves["image to text" + suffix[s.name]] = recall_curve(ri, min(CURVE_MAX_K, CAPTIONS_PER_IMAGE * (n - 1) + 1))
+        curves["text to image" + suffix[s.name]] = recall_curve(rt, min(CURVE_MAX_K, n))
     out += [f"<h2>Recall@K over the whole split ({n} images)</h2>", recall_svg(curves)]
-
-    out.append("<h2>Image to text: top-5 captions</h2><table>")
-    for k in example_queries(examples, n):
-        out.append(f'<tr><td class="q">{_image_cell(k, image_labels, captions, thumbnails)}'
-                   f"<br>rank of its best caption: {ri[k] + 1}</td>")
-        for j in top_k(sims[k]):
-            ok = j // CAPTIONS_PER_IMAGE == k
-            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}{esc(captions[j])}'
-                       f"<br><small>{sims[k, j]:.3f}</small></td>")
-        out.append("</tr>")
-    out.append("</table><h2>Text to image: top-5 images</h2><table>")
-    for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
-        out.append(f'<tr><td class="q">{esc(captions[j])}<br>rank of its image: {rt[j] + 1}</td>')
-        for k in top_k(sims[:, j]):
-            ok = k == j // CAPTIONS_PER_IMAGE
-            out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}'
-                       f"{_image_cell(k, image_labels, captions, thumbnails)}"
-                       f"<br><small>{sims[k, j]:.3f}</small></td>")
-        out.append("</tr>")
-    out.append("</table></body></html>")
+    out.append(_images_note(shown_images([s.sims for s in sets], examples), images))
+    for s, r in zip(sets, all_ranks):
+        out += _examples(s, r, suffix[s.name], captions, image_labels, images, examples)
+    out.append("</body></html>")
     return "\n".join(out)
 
 
