@@ -6,9 +6,9 @@
     # one checkpoint (inside RUN/checkpoints/ it is recorded like the watch mode does)
     python launch/evaluate.py --checkpoint runs/NAME/checkpoints/step_00001000 [--out DIR]
     # every complete checkpoint of a run not evaluated yet; --watch keeps following it
-    python launch/evaluate.py --run runs/NAME --watch [--poll 60]
+    python launch/evaluate.py --run-dir runs/NAME --watch [--poll 60]
     # several ranks encode the split together
-    torchrun --nproc_per_node 4 launch/evaluate.py --run runs/NAME --watch
+    torchrun --nproc_per_node 4 launch/evaluate.py --run-dir runs/NAME --watch
     # the momentum (EMA key) towers, or both sets side by side; pictures from jpg shards in the report
     python launch/evaluate.py --checkpoint CKPT --towers both --images-from data/.../shards/jpg/test
 
@@ -425,10 +425,12 @@ def parse_args(argv):
     mode.add_argument("--sims", nargs="+", metavar="NPY", help="saved (N, 5N) image x caption matrices; "
                       "several are averaged (an ensemble)")
     mode.add_argument("--checkpoint", metavar="PATH", help="one checkpoint folder (with COMPLETE)")
-    mode.add_argument("--run", metavar="DIR", help="a run folder: evaluate its checkpoints not evaluated yet")
+    mode.add_argument("--run-dir", "--run", dest="run", metavar="DIR",
+                      help="a run folder: evaluate its checkpoints not evaluated yet (--run is the same option; "
+                           "torchrun takes only --run-dir: it reads --run as its own --run-path)")
     p.add_argument("--protocol", choices=list(PROTOCOL_IMAGES), help="with --sims: the protocol")
     p.add_argument("--json", metavar="OUT", help="with --sims: write the metrics to this JSON file")
-    p.add_argument("--watch", action="store_true", help="with --run: keep following the run for new checkpoints")
+    p.add_argument("--watch", action="store_true", help="with --run-dir: keep following the run for new checkpoints")
     p.add_argument("--poll", type=float, default=60.0, metavar="S", help="with --watch: seconds between scans")
     p.add_argument("--shards", metavar="DIR", help="test split to encode (default: the config's data.test_shards)")
     p.add_argument("--out", metavar="DIR", help="with --checkpoint outside a run folder: where to write")
@@ -445,7 +447,7 @@ def parse_args(argv):
     if not args.sims and (args.protocol or args.json):
         p.error("--protocol and --json go with --sims; for checkpoints set eval.protocols=[...]")
     if args.watch and not args.run:
-        p.error("--watch goes with --run DIR")
+        p.error("--watch goes with --run-dir DIR")
     if args.sims and (args.overrides or args.shards or args.images_from or args.towers != "online"):
         p.error("--sims takes no shards, --towers, --images-from or key=value overrides")
     if args.checkpoint and not args.out and run_dir_of(args.checkpoint) is None:

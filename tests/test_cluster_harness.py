@@ -119,7 +119,7 @@ def test_train_sbatch_ends_the_job_fast_when_one_rank_dies(slurm_cluster, tmp_pa
     assert "task 1: Killed" in slurm_cluster.output(job)
 
 
-@pytest.mark.parametrize("complete, expect", [(False, ["--run", "RUN", "--watch"]),
+@pytest.mark.parametrize("complete, expect", [(False, ["--run-dir", "RUN", "--watch"]),
                                               (True, ["--checkpoint", "CKPT"])])
 def test_eval_sbatch_watches_a_run_or_evaluates_one_complete_checkpoint(slurm_cluster, tmp_path, complete, expect):
     run_dir = tmp_path / "run"

@@ -459,3 +459,16 @@ def test_watch_mode_picks_up_a_checkpoint_written_while_it_runs(tmp_path, test_s
     state = json.loads((tmp_path / "eval" / "state.json").read_text())
     assert sorted(state["evaluated"]) == ["step_00000100", "step_00000200"] and not state["failed"]
     assert err.count("evaluated step_00000100") == 1 and err.count("evaluated step_00000200") == 1
+
+
+def test_the_documented_torchrun_command_takes_a_run_folder(tmp_path):
+    """torchrun parses every option before its script's and reads a bare
+    ``--run`` as its own ``--run-path``: docs/evaluation.md's command uses
+    ``--run-dir``, which must reach the job."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                          os.path.join(ROOT, "launch", "evaluate.py"), "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=child_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"nothing pending in {tmp_path}" in out.stdout + out.stderr
+    doc = open(os.path.join(ROOT, "docs", "evaluation.md")).read()
+    assert "launch/evaluate.py --run-dir runs/NAME --watch" in doc
