@@ -24,6 +24,7 @@ fp32 key towers, queues, UTO), fp32, on forked DeepSpeed ranks:
   gives a different one.
 - a non-finite loss skips the whole window (on the device; on the host
   with ZeRO 1, before any backward, keeping DeepSpeed's micro-step count).
+- the training job with cached accumulation resumes exactly.
 """
 import os
 import tempfile
@@ -350,3 +351,43 @@ def test_a_non_finite_window_is_skipped_whole(runs):
 def test_a_pool_smaller_than_the_window_is_refused(runs):
     msg = runs[1]["small_queue_error"]
     assert "train.accum_mode=cached" in msg and "12 keys per rank" in msg and "8 slots" in msg
+
+
+@pytest.mark.slow
+def test_a_cached_run_killed_and_resumed_matches_an_uninterrupted_one(tiny_shards, tmp_path):
+    """The training job (2 ranks, dropout on, BatchNorm in training mode) with
+    cached accumulation: 2 x 14 x 2 pairs per step, 17 micro-batches per rank
+    per epoch, so 8 steps and one micro-batch left out per epoch. 12 steps
+    across the epoch boundary, against the same run killed after its step-6
+    checkpoint and resumed: the same per-step losses, weights, key towers and
+    queues, bit for bit."""
+    from conftest import kill_job
+    from test_train_job import assert_same_tensors, final_state, losses, run, start, tiny_overrides
+
+    common = {"train.deterministic": "true", "train.ckpt_every_steps": 6, "train.max_steps": 12,
+              "train.batch_size": 14, "train.grad_accum": 2, "train.accum_mode": "cached"}
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "full", **common))
+    assert code == 0, out[-3000:]
+    assert "cached accumulation: the in-batch negatives of each optimiser step are all 56 pairs" in out
+    proc = start("torchrun", tiny_overrides(tiny_shards, tmp_path, "cut", **common), env={"USER_DIST_FAULT_KILL": "6"})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_job(proc, f"train.run_root={tmp_path} ")
+    assert proc.returncode != 0 and "kills itself after step 6" in out, out[-3000:]
+    code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "cut", **common, **{"train.resume": "auto"}))
+    assert code == 0, out[-3000:]
+    assert "at step 6 " in out
+
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == list(range(1, 13))
+    assert [full[s] for s in range(1, 13)] == [cut[s] for s in range(1, 13)]
+    meta_a, model_a, mom_a, q_a = final_state(tmp_path / "full")
+    meta_b, model_b, mom_b, q_b = final_state(tmp_path / "cut")
+    assert (meta_a.step, meta_a.epoch, meta_a.step_in_epoch) == (meta_b.step, meta_b.epoch, meta_b.step_in_epoch) \
+        == (12, 1, 4)
+    assert meta_a.global_batch == 56
+    assert_same_tensors(model_a, model_b, "online towers")
+    assert_same_tensors(mom_a, mom_b, "momentum towers")
+    for r in (0, 1):
+        assert_same_tensors(q_a[r], q_b[r], f"queue shard of rank {r}")

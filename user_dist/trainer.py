@@ -154,6 +154,10 @@ class Trainer:
         plan = ResumePlan.make(resume_from, cfg, self.layout, zero_stage(ds_cfg)) if resume_from else None
         self.train_step = TrainStep(cfg, self.steps_per_epoch, self.total_steps, ds_config=ds_cfg,
                               load_universal=bool(plan and plan.universal), faults=self.faults)
+        if self.train_step.cached and du.is_main():
+            log.info("cached accumulation: the in-batch negatives of each optimiser step are all %d pairs of its "
+                     "%d micro-batches per rank (one extra forward per micro-batch)", self.layout.global_batch,
+                     t.grad_accum)
         self.pos = Position()
         self.best_rsum, self.best_tag = float("-inf"), ""
         if plan is not None:
