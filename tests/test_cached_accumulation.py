@@ -85,13 +85,18 @@ def _pool(queue):
     return tuple(all_gather_nograd(t) for t in parts) if queue.sharded else tuple(t.clone() for t in parts)
 
 
-def _two_steps(world: int, rank: int, mode: str, cached: bool) -> dict:
+# Setups compared, by name: their overrides.
+VARIANTS = {"replicated": ["queue.mode=replicated"], "sharded": ["queue.mode=sharded"],
+            "zero2": ["train.zero_stage=2"]}  # ZeRO 2: gradients reduced and partitioned at every micro-step
+
+
+def _two_steps(world: int, rank: int, variant: str, cached: bool) -> dict:
     """Two optimiser steps, cached over K micro-batches or as one batch."""
     from user_dist.train_step import TrainStep
 
     per_rank = GLOBAL // world
-    extra = [f"queue.mode={mode}"] + ([f"train.batch_size={per_rank // K}", f"train.grad_accum={K}",
-                                       "train.accum_mode=cached"] if cached else [f"train.batch_size={per_rank}"])
+    extra = VARIANTS[variant] + ([f"train.batch_size={per_rank // K}", f"train.grad_accum={K}",
+                                  "train.accum_mode=cached"] if cached else [f"train.batch_size={per_rank}"])
     step = TrainStep(_cfg(world, extra), steps_per_epoch=2, total_steps=2)
     _freeze_batchnorm(step)
     step.clock = tap = GradientTap(step)
@@ -107,8 +112,8 @@ def _two_steps(world: int, rank: int, mode: str, cached: bool) -> dict:
 
 
 def big_batch_runs(world: int, rank: int) -> dict:
-    modes = ("replicated", "sharded") if world > 1 else ("replicated",)
-    return {(mode, cached): _two_steps(world, rank, mode, cached) for mode in modes for cached in (False, True)}
+    variants = ("replicated", "sharded") if world > 1 else ("replicated", "zero2")
+    return {(v, cached): _two_steps(world, rank, v, cached) for v in variants for cached in (False, True)}
 
 
 def dropout_reference(world: int, rank: int) -> dict:
@@ -261,10 +266,11 @@ def _close(got: dict, want: dict, what: str) -> None:
 
 
 def _big_batch_cases(runs):
-    yield "1 rank", runs[1]["big_batch_runs"], "replicated"
+    for variant in ("replicated", "zero2"):
+        yield f"1 rank, {variant}", runs[1]["big_batch_runs"], variant
     for rank in (0, 1):
-        for mode in ("replicated", "sharded"):
-            yield f"2 ranks (rank {rank}, {mode})", runs[2][rank]["big_batch_runs"], mode
+        for variant in ("replicated", "sharded"):
+            yield f"2 ranks (rank {rank}), {variant}", runs[2][rank]["big_batch_runs"], variant
 
 
 @pytest.mark.slow
@@ -273,7 +279,9 @@ def test_cached_accumulation_equals_one_big_batch(runs):
         big, cached = r[(mode, False)], r[(mode, True)]
         torch.testing.assert_close(cached["losses"], big["losses"], **TOL, msg=lambda m: f"{where} losses: {m}")
         assert len(cached["grads"]) == len(big["grads"]) == 2  # one optimiser phase per step
-        for n in range(2):
+        # ZeRO 2 keeps its gradients in its own partitions (p.grad is None): there
+        # the parameters after the steps (AdamW moves each by lr g / (|g| + 1)) compare them.
+        for n in range(2 if mode != "zero2" else 0):
             _close(cached["grads"][n], big["grads"][n], f"{where} step {n} gradient")
         _close(cached["params"], big["params"], f"{where} parameters")
         _close(cached["momentum"], big["momentum"], f"{where} key towers")
