@@ -110,12 +110,14 @@ def _flatten_rnn_weights(modules) -> None:
 
 
 class TrainStep:
-    """The objects of one training step and the micro-step itself.
+    """The objects of one training step and the step itself: ``micro_step``
+    per micro-batch, or, when ``cached`` (train.accum_mode=cached with
+    grad_accum > 1), ``cached_step`` per accumulation window.
 
     Parts (public, read by the trainer, the benchmark and tests): ``engine``
     (DeepSpeed, around the online towers), ``momentum`` (fp32 key towers),
     ``queue`` (negatives), ``skips`` (non-finite counts: DeviceSkips or
-    HostSkips), ``device``, ``zero_stage`` (in force), ``clock``.
+    HostSkips), ``device``, ``zero_stage`` (in force), ``cached``, ``clock``.
 
     Args:
         steps_per_epoch, total_steps: optimiser steps, for the lr schedule.
