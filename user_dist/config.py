@@ -336,6 +336,11 @@ class TrainConfig:
         "/ (ranks x grad_accum) per micro-step (which must divide). 0: train.batch_size states the batch.",
         ge=0)
     grad_accum: int = opt(1, "micro-batches per optimiser step", gt=0)
+    accum_mode: str = opt(
+        "plain", "how grad_accum > 1 accumulates (docs/training.md): 'plain' sums the micro-batches' gradients, "
+        "each micro-batch's in-batch negatives being its own; 'cached' (GradCache) computes UTO over the whole "
+        "accumulated batch, as one big batch would, for one extra forward per micro-batch",
+        choices=("plain", "cached"))
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = run all epochs)", ge=0)
     precision: str = opt("bf16", "precision of the online towers (docs/training.md)",
                          choices=("bf16", "fp16", "fp32"))

@@ -12,9 +12,25 @@ One optimiser step (``train.grad_accum`` micro-steps), in the phases of
     momentum   at the boundary: momentum.update(online towers)
     enqueue    queue.enqueue(img_k, txt_k, ids)           every micro-step, after the loss
 
-Gradient accumulation: keys of every micro-batch are enqueued (the queue sees
+Gradient accumulation (``train.accum_mode=plain``, :meth:`TrainStep.micro_step`
+per micro-batch): keys of every micro-batch are enqueued (the queue sees
 every sample once per epoch, as without accumulation), while the momentum
 towers move once per optimiser step, since theta_q only changes then.
+
+Cached accumulation (``train.accum_mode=cached``, :meth:`TrainStep.cached_step`
+per window of ``grad_accum`` micro-batches, GradCache): UTO over the whole
+accumulated batch, as one big batch, in the same phases:
+
+    inputs     every micro-batch to the device
+    forward    img_j, txt_j = engine(batch_j), no grad    RNG state saved before each
+    keys       img_k, txt_k = momentum.encode(batch_j)
+    loss       uto_loss over the concatenated embeddings (leaves), then its
+               gradient with respect to them: g (k B, E)
+    backward   per micro-batch: RNG state restored, engine(batch_j) again with
+               grad, engine.backward((emb_j * g_j).sum()); at the boundary: clip, norm
+    optimizer  engine.step()
+    momentum   momentum.update(online towers)
+    enqueue    queue.enqueue(every micro-batch's keys)    once
 
 The step needs no data stream, run folder or monitor, so that
 launch/benchmark.py times exactly the step that launch/train.py runs: it sets
@@ -24,14 +40,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
 from . import distributed as du
-from .config import Config
+from .config import Config, ConfigError
 from .deepspeed_config import resolve, step_owns_optimizer, take_clipping
 from .faults import Faults
+from .grad_cache import RngState, TrainingBuffers
 from .nonfinite import DeviceSkips, HostSkips
 from .schedule import build_scheduler
 
@@ -118,12 +135,14 @@ def _flatten_rnn_weights(modules) -> None:
 
 
 class TrainStep:
-    """The objects of one training step and the micro-step itself.
+    """The objects of one training step and the step itself: ``micro_step``
+    per micro-batch, or, when ``cached`` (train.accum_mode=cached with
+    grad_accum > 1), ``cached_step`` per accumulation window.
 
     Parts (public, read by the trainer, the benchmark and tests): ``engine``
     (DeepSpeed, around the online towers), ``momentum`` (fp32 key towers),
     ``queue`` (negatives), ``skips`` (non-finite counts: DeviceSkips or
-    HostSkips), ``device``, ``zero_stage`` (in force), ``clock``.
+    HostSkips), ``device``, ``zero_stage`` (in force), ``cached``, ``clock``.
 
     Args:
         steps_per_epoch, total_steps: optimiser steps, for the lr schedule.
@@ -145,6 +164,16 @@ class TrainStep:
         from .queue import NegativeQueues
 
         t = cfg.train
+        # Cached accumulation: the trainer hands each window to cached_step. With
+        # one micro-batch per step there is nothing to cache: micro_step is the same.
+        self.cached = t.accum_mode == "cached" and t.grad_accum > 1
+        if self.cached and t.batch_size * t.grad_accum > cfg.queue.size_per_rank:
+            # One enqueue of every micro-batch's keys per optimiser step.
+            raise ConfigError(
+                f"train.accum_mode=cached enqueues train.batch_size x train.grad_accum = "
+                f"{t.batch_size * t.grad_accum} keys per rank per optimiser step, more than the "
+                f"{cfg.queue.size_per_rank} slots per rank of the pool (queue.size_per_rank, or queue.global_size "
+                "/ ranks): raise the pool or use train.accum_mode=plain")
         self.cfg = cfg
         self.faults = faults or Faults()
         # clock(phase) is entered around each phase of micro_step; the
@@ -238,6 +267,87 @@ class TrainStep:
         with self.clock("enqueue"):
             self.queue.enqueue(img_k, txt_k, b["image_ids"], keep=keep if torch.is_tensor(keep) else None)
         stats["loss"] = loss.detach().clone()  # the loss may live in a CUDA graph's reused output memory
+        return stats
+
+    def cached_step(self, batches: List[Dict[str, Any]], step: int = 0,
+                    grad_norm: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """One optimiser step over an accumulation window of ``grad_accum``
+        micro-batches (``train.accum_mode=cached``), whose in-batch negatives
+        are every pair of the window on every rank: the loss, the gradients,
+        the queue and the momentum towers of one batch of ``grad_accum x B``
+        pairs per rank (the micro-batches concatenated in order), with each
+        micro-batch's forward computed on its own (its BatchNorm statistics
+        and dropout masks are those of its own pass, as in plain accumulation).
+
+        Returns the loss statistics of the whole window, as
+        :meth:`micro_step` does for one micro-batch; with HostSkips, None when
+        the window's loss is not finite (the whole window is dropped before
+        any backward, on every rank).
+        """
+        t, engine, k = self.cfg.train, self.engine, len(batches)
+        if k != t.grad_accum or engine.micro_steps % t.grad_accum:
+            raise RuntimeError(f"cached_step takes a whole accumulation window: {t.grad_accum} micro-batches from "
+                               f"its start, got {k} at engine micro-step {engine.micro_steps}")
+        with self.clock("inputs"):
+            b32s = [inputs_to(b, self.device, torch.float32) for b in batches]  # the key towers are fp32
+            bs = b32s if self.dtype == torch.float32 else [inputs_to(b, self.device, self.dtype) for b in b32s]
+        with self.clock("forward"), torch.no_grad():
+            # Only the recompute below may update running statistics: once per micro-batch.
+            buffers = TrainingBuffers(engine.module)
+            rngs, embs = [], []
+            for b in bs:
+                rngs.append(RngState(self.device))  # the recompute draws the same dropout masks
+                img, txt = engine(b)
+                embs.append((img.float(), txt.float()))
+            buffers.restore()
+        with self.clock("keys"), torch.no_grad(), self.autocast:
+            keys = [self.momentum.encode(b) for b in b32s]
+            rng_after = RngState(self.device)  # where the step's draws end, once the recompute is done
+        with self.clock("loss"):
+            # The window's embeddings as leaves: (k B, E) each, micro-batches in order.
+            img = torch.cat([e[0] for e in embs]).requires_grad_()
+            txt = torch.cat([e[1] for e in embs]).requires_grad_()
+            img_k, txt_k = torch.cat([kk[0] for kk in keys]), torch.cat([kk[1] for kk in keys])
+            ids = torch.cat([b["image_ids"] for b in bs])
+            loss, stats = self.uto_loss(img, txt, img_k, txt_k, ids, self.queue, self.cfg.loss)
+            loss = self.faults.poison(loss, step)
+            keep = self.skips.check_loss(loss)  # one decision for the window
+            if keep is False:  # HostSkips: dropped before any rank's backward
+                return None
+            # d loss / d embeddings, through the all-gathers (and a sharded pool's
+            # all-reduce): what the towers' backward of one big batch would receive.
+            g_img, g_txt = torch.autograd.grad(loss, (img, txt))
+        stats = dict(stats)
+        with self.clock("backward"):
+            rows = 0
+            for j, b in enumerate(bs):
+                rngs[j].restore()
+                img_j, txt_j = engine(b)
+                n = img_j.shape[0]
+                surrogate = ((img_j.float() * g_img[rows:rows + n]).sum()
+                             + (txt_j.float() * g_txt[rows:rows + n]).sum())
+                rows += n
+                # The surrogate's gradient is the loss's own share: no division by grad_accum.
+                engine.backward(surrogate, scale_wrt_gas=False)
+                if j < k - 1:
+                    engine.step()  # inside the window: DeepSpeed counts the micro-step, no update
+            rng_after.restore()
+            if not engine.is_gradient_accumulation_boundary():
+                raise RuntimeError(f"DeepSpeed's micro-step count ({engine.micro_steps}) is off the accumulation "
+                                   f"window of {k}: was micro_step mixed with cached_step?")
+            norm = self._clip_or_norm(grad_norm)
+            if norm is not None:
+                stats["grad_norm"] = norm
+                self.skips.check_norm(norm)
+        with self.clock("optimizer"):
+            self.skips.before_step()
+            engine.step()
+        with self.clock("momentum"):
+            self.momentum.update(engine.module)
+            self.skips.after_step()
+        with self.clock("enqueue"):
+            self.queue.enqueue(img_k, txt_k, ids, keep=keep if torch.is_tensor(keep) else None)
+        stats["loss"] = loss.detach().clone()
         return stats
 
     def _clip_or_norm(self, wanted: bool) -> Optional[torch.Tensor]:

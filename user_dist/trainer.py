@@ -4,7 +4,10 @@ One pass of :meth:`Trainer.fit`, epoch by epoch:
 
     for each micro-batch of the epoch's stream (user_dist.data.train_loader):
         stats = step.micro_step(batch)         user_dist.train_step.TrainStep
-        a micro-batch dropped for a non-finite loss: count it, go on
+          (train.accum_mode=cached: for each window of grad_accum micro-batches,
+           stats = step.cached_step(window); a window cut short by the
+           epoch's end is left out)
+        a micro-batch (cached: a window) dropped for a non-finite loss: count it, go on
         at the end of an accumulation window (one optimiser step):
             log (and count device-side skips) every train.log_every steps;
             stop on SIGTERM/SIGUSR1 (checkpoint first)
@@ -22,7 +25,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,13 +93,27 @@ class StepWindow:
         finally:
             self.open_seconds += self.clock() - start
 
-    def complete(self) -> bool:
-        """A micro-batch counted; True when it closed the window (then ``seconds`` is set)."""
-        self.done += 1
+    def complete(self, micro_batches: int = 1) -> bool:
+        """Micro-batches counted; True when they closed the window (then ``seconds`` is set)."""
+        self.done += micro_batches
         if self.done < self.size:
             return False
         self.seconds, self.open_seconds, self.done = self.open_seconds, 0.0, 0
         return True
+
+
+def _windows(stream: Iterable[Dict[str, Any]], size: int) -> Iterator[List[Dict[str, Any]]]:
+    """The micro-batches of ``stream`` in accumulation windows of ``size``
+    (cached accumulation). A stream that ends inside a window (micro-batches
+    dropped for non-finite losses, or the epoch's trailing ones) leaves that
+    window out: a step starts and ends within one epoch, so a checkpoint at
+    the epoch's end lies on an optimiser-step boundary."""
+    window: List[Dict[str, Any]] = []
+    for batch in stream:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
 
 
 class Trainer:
@@ -137,6 +154,10 @@ class Trainer:
         plan = ResumePlan.make(resume_from, cfg, self.layout, zero_stage(ds_cfg)) if resume_from else None
         self.train_step = TrainStep(cfg, self.steps_per_epoch, self.total_steps, ds_config=ds_cfg,
                               load_universal=bool(plan and plan.universal), faults=self.faults)
+        if self.train_step.cached and du.is_main():
+            log.info("cached accumulation: the in-batch negatives of each optimiser step are all %d pairs of its "
+                     "%d micro-batches per rank (one extra forward per micro-batch)", self.layout.global_batch,
+                     t.grad_accum)
         self.pos = Position()
         self.best_rsum, self.best_tag = float("-inf"), ""
         if plan is not None:
@@ -184,16 +205,21 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """Optimiser steps over the rest of this epoch's stream; True when the
         epoch is complete (False: train.max_steps came first)."""
-        pos, accum, window = self.pos, self.cfg.train.grad_accum, self.window
-        for batch in self._stream(pos.epoch, start_step=pos.step_in_epoch * accum):
+        pos, accum, window, step = self.pos, self.cfg.train.grad_accum, self.window, self.train_step
+        stream = self._stream(pos.epoch, start_step=pos.step_in_epoch * accum)
+        # Cached accumulation takes a whole window at once; plain, one micro-batch at a time.
+        units = _windows(stream, accum) if step.cached else ([batch] for batch in stream)
+        for unit in units:
             if pos.step_in_epoch >= self.steps_per_epoch:
                 break  # the trailing micro-batches of an incomplete accumulation window
             with window.timed():
-                stats = self.train_step.micro_step(batch, pos.step, grad_norm=self._logs_at(pos.step + 1))
+                grad_norm = self._logs_at(pos.step + 1)
+                stats = (step.cached_step(unit, pos.step, grad_norm=grad_norm) if step.cached
+                         else step.micro_step(unit[0], pos.step, grad_norm=grad_norm))
             if stats is None:  # dropped on every rank for a non-finite loss; its place is taken by the next
                 self._count_skips()
                 continue
-            if not window.complete():
+            if not window.complete(len(unit)):
                 continue
             pos.step += 1
             pos.step_in_epoch += 1
