@@ -156,3 +156,82 @@ def test_the_key_defaults_to_off_and_is_typed():
     assert load_config(None, ["train.grad_checkpointing=true"]).train.grad_checkpointing is True
     with pytest.raises(ConfigError, match="train.grad_checkpointing"):
         load_config(None, ["train.grad_checkpointing=maybe"])
+
+
+def _train_two_steps(overrides):
+    """Two optimiser steps of the real TrainStep (DeepSpeed engine, key
+    towers, queues, UTO) with dropout on: losses, the gradients at each
+    optimiser phase, the weights and keys after, and where checkpointing is
+    on (online towers, key towers)."""
+    from dist_scripts.tiny_setup import STEP_IDS, TRAIN_STEP_OVERRIDES, GradientTap
+    from user_dist.train_step import TrainStep
+
+    cfg = load_config(None, TRAIN_STEP_OVERRIDES + [
+        f"model.text.dropout={DROPOUT['text_dropout']}", f"model.gse.sge_dropout={DROPOUT['sge_dropout']}",
+        "train.batch_size=8", "queue.size_per_rank=16"] + overrides)
+    step = TrainStep(cfg, steps_per_epoch=2, total_steps=2)
+    step.clock = tap = GradientTap(step)
+    losses = []
+    for n, ids in enumerate(STEP_IDS[:2]):
+        torch.manual_seed(100 + n)  # the dropout masks of this step
+        losses.append(step.micro_step(make_batch(n + 1, len(ids), ids=ids), step=n)["loss"].detach().clone())
+
+    def checkpointing(model):
+        layers = [m for m in model.text_tower.encoder.modules() if hasattr(m, "gradient_checkpointing")]
+        return {"text": any(m.gradient_checkpointing for m in layers), "sge": model.image_tower.sge.checkpointing}
+
+    return {"losses": torch.stack(losses), "grads": tap.grads,
+            "params": {n: p.detach().clone() for n, p in step.engine.module.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in step.engine.module.named_buffers()},
+            "momentum": step.momentum.state_dict(),
+            "online": checkpointing(step.engine.module), "keys": checkpointing(step.momentum.module)}
+
+
+def _plain_and_checkpointed_steps(rank, overrides):
+    """On one gloo rank: _train_two_steps without and with checkpointing."""
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asks for it (a forked rank: not the test's environment)
+    return {"plain": _train_two_steps(overrides),
+            "ckpt": _train_two_steps(overrides + ["train.grad_checkpointing=true"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["train.zero_stage=0", "train.zero_stage=1"])
+def test_train_step_with_checkpointing_trains_like_without(zero):
+    from conftest import run_gloo_ranks
+
+    (runs,) = run_gloo_ranks(_plain_and_checkpointed_steps, 1, [zero], timeout=600)
+    plain, ckpt = runs["plain"], runs["ckpt"]
+    assert ckpt["online"] == {"text": True, "sge": True}
+    assert plain["online"] == ckpt["keys"] == plain["keys"] == {"text": False, "sge": False}
+    torch.testing.assert_close(ckpt["losses"], plain["losses"], rtol=1e-6, atol=1e-7)
+    for step_grads, plain_grads in zip(ckpt["grads"], plain["grads"]):
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(step_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for name, p in plain["params"].items():
+        torch.testing.assert_close(ckpt["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    for part in ("buffers", "momentum"):  # BatchNorm running statistics moved once per step
+        for name, t in plain[part].items():
+            torch.testing.assert_close(ckpt[part][name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_towers_checkpoint_and_train_like_without():
+    """train.compile=default (inductor on the CPU) with checkpointing: the
+    checkpointed regions compile (Dynamo refuses the eager path's
+    context_fn, user_dist.models.recompute) and train as without. Dropout
+    off: compiled graphs draw their own random numbers, different for
+    different graphs, as compiled and eager steps already do."""
+    from conftest import run_gloo_ranks
+
+    overrides = ["train.compile=default", "model.text.dropout=0.0", "model.gse.sge_dropout=0.0"]
+    (runs,) = run_gloo_ranks(_plain_and_checkpointed_steps, 1, overrides, timeout=600)
+    plain, ckpt = runs["plain"], runs["ckpt"]
+    assert ckpt["online"] == {"text": True, "sge": True}
+    torch.testing.assert_close(ckpt["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
+    for step_grads, plain_grads in zip(ckpt["grads"], plain["grads"]):
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(step_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, b in plain["buffers"].items():  # running statistics moved once per step
+        torch.testing.assert_close(ckpt["buffers"][name], b, rtol=1e-5, atol=1e-6, msg=name)

@@ -16,6 +16,12 @@ recomputation) on autograd's own thread.
 The towers from libraries checkpoint with their own switches (transformers'
 ``gradient_checkpointing_enable``, open_clip's and timm's
 ``set_grad_checkpointing``), which wrap the same torch.utils.checkpoint.
+
+Under torch.compile (``train.compile``) the checkpointed region becomes a
+tagged subgraph that the compiled backward recomputes from the graph itself:
+in-place updates are functionalised into the forward graph and never
+replayed, and random ops (dropout) are kept, not recomputed. Dynamo refuses
+a ``context_fn`` there, so none is passed.
 """
 from __future__ import annotations
 
@@ -52,4 +58,6 @@ def checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
     gradient (key towers, evaluation) it is a plain call: nothing to save."""
     if not torch.is_grad_enabled():
         return fn(*args)
+    if torch.compiler.is_compiling():
+        return _torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return _torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_contexts)
