@@ -235,3 +235,33 @@ def test_compiled_towers_checkpoint_and_train_like_without():
             torch.testing.assert_close(step_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
     for name, b in plain["buffers"].items():  # running statistics moved once per step
         torch.testing.assert_close(ckpt["buffers"][name], b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+TINY_JPG = ["data.mode=jpg", "data.image_size=32", "model.image.backbone=timm:test_vit", "model.embed_size=32",
+            "model.mlp_hidden=16", "model.text.hidden_size=32", "model.text.num_layers=2", "model.text.num_heads=2",
+            "model.text.intermediate_size=64", "model.text.vocab_size=2000", "queue.size_per_rank=16"]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_probes_jpg_steps_and_kills_a_probe_over_the_cap(tmp_path):
+    """launch/bench_memory.py: each probe a fresh process running real steps
+    (jpg mode here, both variants), and a probe past the cap killed."""
+    import subprocess
+
+    from conftest import PYTHON, ROOT, child_env
+    from launch.bench.memory import parse_args, probe
+
+    out = tmp_path / "mem.json"
+    cmd = [PYTHON, "launch/bench_memory.py", "per-sample", "--preset", "tiny", "--batches", "2,4",
+           "--caption-len", "4-6", "--json", str(out)] + TINY_JPG
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["per_sample"]
+    assert [r["variant"] for r in rows] == ["plain", "grad_ckpt"]
+    for r in rows:
+        assert all(p["fits"] and p["rss_peak_gb"] > 0.2 for p in r["probes"]), r
+        assert "per_sample_mb" in r
+    assert "| grad_ckpt |" in proc.stdout
+    args = parse_args(["largest", "--preset", "tiny", "--caption-len", "4-6"] + TINY_JPG)
+    miss = probe(args, args.overrides, 2, cap_gb=0.1)  # the interpreter alone passes 0.1 GiB
+    assert miss["fits"] is False and miss["error"].startswith("killed"), miss

@@ -32,6 +32,7 @@ under the same preset and overrides.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -74,20 +75,33 @@ def child_main(spec: dict) -> None:
     start = time.perf_counter()
     try:
         step = TrainStep(cfg, steps_per_epoch=10 ** 6, total_steps=10 ** 6)
+        # What building the step took at its peak, then the steps' own peak.
+        out["build_peak_gb"] = _vm_hwm(os.getpid()) / GIB
+        gc.collect()
+        _reset_vm_hwm()
+        if step.device.type == "cuda":
+            out["build_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
+            torch.cuda.reset_peak_memory_stats()
         lengths = caption_lengths(spec["caption_len"])
+        steps_start = time.perf_counter()
         for i in range(spec["steps"]):
-            batch = synthetic_batch(cfg, spec["batch"], spec["regions"], lengths, seed=i)
+            regions = spec["regions"] if cfg.data.mode == "regions" else 1  # jpg: dropped below
+            batch = synthetic_batch(cfg, spec["batch"], regions, lengths, seed=i)
             if cfg.data.mode == "jpg":
                 del batch["regions"], batch["region_mask"]
                 batch["images"] = synthetic_images(spec["batch"], cfg.data.image_size, seed=i)
             step.micro_step(batch)
         if step.device.type == "cuda":
             torch.cuda.synchronize()
-            out["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
+        out["seconds_per_step"] = (time.perf_counter() - steps_start) / spec["steps"]
+        if step.device.type == "cuda":
+            out["step_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
+            out["cuda"] = True
+        else:
+            out["step_peak_gb"] = _vm_hwm(os.getpid()) / GIB
     except torch.OutOfMemoryError as exc:
         out.update(fits=False, error=f"out of memory: {str(exc)[:160]}")
     out["seconds"] = time.perf_counter() - start
-    out["rss_peak_gb"] = _vm_hwm(os.getpid()) / GIB
     print("PROBE " + json.dumps(out), flush=True)
 
 
@@ -104,6 +118,13 @@ def _vm_hwm(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return 0
+
+
+def _reset_vm_hwm() -> None:
+    """Restart this process's VmHWM from its current resident set (Linux
+    >= 4.0: '5' to clear_refs), so that the steps' peak is read on its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def probe(args, overrides: Sequence[str], batch: int, cap_gb: float) -> dict:
@@ -133,6 +154,9 @@ def probe(args, overrides: Sequence[str], batch: int, cap_gb: float) -> dict:
         row.update(fits=False, error=f"probe failed (exit {proc.returncode}): {stderr.strip()[-600:]}")
     else:
         row.update(json.loads(line[len("PROBE "):]))
+    # The whole process, build included: the watcher's maximum, or the child's own reads.
+    row["rss_peak_gb"] = max([peak / GIB] + [row[k] for k in ("build_peak_gb", "step_peak_gb")
+                                             if k in row and not row.get("cuda")])
     return row
 
 
@@ -147,9 +171,12 @@ def parse_variants(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
     return out
 
 
-def peak_of(row: dict) -> float:
-    """The probe's peak in GiB: CUDA max allocated on a GPU, else peak RSS."""
-    return row.get("cuda_peak_gb", row.get("rss_peak_gb", 0.0))
+def peak_of(row: dict, steps_only: bool = False) -> float:
+    """The probe's peak in GiB: the whole process's peak RSS (CPU) or the
+    build's and the steps' CUDA peak; ``steps_only``: the steps' alone."""
+    if steps_only or row.get("cuda"):
+        return max(row.get("step_peak_gb", 0.0), 0.0 if steps_only else row.get("build_peak_gb", 0.0))
+    return row.get("rss_peak_gb", 0.0)
 
 
 # --------------------------------------------------------------------------- per sample
@@ -164,23 +191,25 @@ def per_sample(args, variants) -> List[dict]:
         r1, r2 = (probe(args, args.overrides + extra, b, 0.0) for b in (b1, b2))
         row = {"variant": name, "overrides": extra, "probes": [r1, r2]}
         if "error" not in r1 and "error" not in r2:
-            slope = (peak_of(r2) - peak_of(r1)) / (b2 - b1)
-            row.update(per_sample_mb=slope * 1024, fixed_gb=peak_of(r1) - slope * b1,
-                       seconds_per_step_b2=r2["seconds"] / args.steps)
+            slope = (peak_of(r2, True) - peak_of(r1, True)) / (b2 - b1)
+            row.update(per_sample_mb=slope * 1024, fixed_gb=peak_of(r1, True) - slope * b1)
         rows.append(row)
         print(f"  {name}: {json.dumps(row)}", flush=True)
-    kind = "CUDA max allocated" if any("cuda_peak_gb" in p for r in rows for p in r["probes"]) else "peak RSS"
+    kind = "CUDA max allocated" if any(p.get("cuda") for r in rows for p in r["probes"]) else "peak RSS"
     print(f"\n== peak memory per sample ({kind}; batches {b1} and {b2}, {args.steps} steps each) ==")
-    print(f"| variant | peak @ {b1} GiB | peak @ {b2} GiB | per sample MiB | fixed GiB | s/step @ {b2} |")
-    print("|---|---|---|---|---|---|")
+    print(f"| variant | steps' peak @ {b1} GiB | steps' peak @ {b2} GiB | per sample MiB | fixed GiB | "
+          f"process peak @ {b2} GiB | s/step @ {b2} |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "per_sample_mb" not in r:
             err = next(p.get("error") for p in r["probes"] if "error" in p)
-            print(f"| {r['variant']} | {err[:100]} | | | | |")
+            print(f"| {r['variant']} | {err[:100]} | | | | | |")
             continue
         p1, p2 = r["probes"]
-        print(f"| {r['variant']} | {peak_of(p1):.2f} | {peak_of(p2):.2f} | {r['per_sample_mb']:.1f} | "
-              f"{r['fixed_gb']:.2f} | {r['seconds_per_step_b2']:.1f} |")
+        print(f"| {r['variant']} | {peak_of(p1, True):.2f} | {peak_of(p2, True):.2f} | {r['per_sample_mb']:.1f} | "
+              f"{r['fixed_gb']:.2f} | {peak_of(p2):.2f} | {p2['seconds_per_step']:.1f} |")
+    print("(steps' peak: from the end of the build to the end of the steps; the slope between the two batches is "
+          "the memory per sample; process peak: build included)")
     return rows
 
 
@@ -195,6 +224,8 @@ def largest(args, variants) -> List[dict]:
         lo, hi = args.lo, args.hi or None  # lo fits (0: none known), hi misses (None: none known)
 
         def run(b: int) -> Optional[bool]:
+            if args.max_probes and len(probes) >= args.max_probes:
+                return None  # out of probes: resume with --lo/--hi
             r = probe(args, args.overrides + extra, b, args.cap_gb)
             probes.append(r)
             print(f"  {name} batch {b}: {'fits' if r['fits'] else 'miss'} "
@@ -236,18 +267,20 @@ def largest(args, variants) -> List[dict]:
             else:
                 hi = b
         best = next((p for p in probes if p["batch"] == lo and p["fits"]), None)
+        if args.max_probes and len(probes) >= args.max_probes and failed:
+            print(f"  {name}: out of probes; resume with --lo {lo} --hi {hi or 0}")
         rows.append({"variant": name, "overrides": extra, "largest_fit": lo, "first_miss": hi,
                      "peak_at_largest_gb": peak_of(best) if best else None,
                      "failed": failed, "probes": probes})
     print(f"\n== largest per-process batch under {args.cap_gb:g} GiB "
-          f"({'CUDA allocator cap' if any('cuda_peak_gb' in p for r in rows for p in r['probes']) else 'peak RSS'}"
+          f"({'CUDA allocator cap' if any(p.get('cuda') for r in rows for p in r['probes']) else 'peak RSS'}"
           f", {args.steps} steps per probe) ==")
     print("| variant | overrides | largest batch that fits | smallest that did not | peak at largest GiB |")
     print("|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_at_largest_gb']:.2f}" if r["peak_at_largest_gb"] else "-"
         miss = r["first_miss"] if r["first_miss"] is not None else f"> {args.max_batch} (not probed)"
-        note = " (search stopped: a probe failed)" if r["failed"] else ""
+        note = " (search stopped early)" if r["failed"] else ""
         print(f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['largest_fit']}{note} | {miss} | {peak} |")
     return rows
 
@@ -272,12 +305,15 @@ def parse_args(argv):
     p.add_argument("--lo", type=int, default=0, help="largest: a batch known to fit (resume)")
     p.add_argument("--hi", type=int, default=0, help="largest: a batch known not to fit (resume)")
     p.add_argument("--max-batch", type=int, default=4096, help="largest: never probe above this")
+    p.add_argument("--max-probes", type=int, default=0,
+                   help="largest: stop after this many probes per variant (0: no limit) and print the bounds to "
+                        "resume from with --lo/--hi (keeps each run short)")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="largest: stop when the bounds are within this fraction of the fit (0: exact)")
     p.add_argument("--json", default="", help="write the results here (default: $OUT/bench_memory.json if $OUT)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,7 @@
 activations; backward runs it again (the *recomputation*) to get them. It is
 torch.utils.checkpoint, non-reentrant, with the RNG state preserved: the
 recomputation draws the same dropout masks as the forward, so gradients
-equal those of the plain forward to float rounding (the same kernels run on
-the same inputs: on a CPU they agree to the last bit).
+equal those of the plain forward to float rounding (tests/test_grad_checkpointing.py).
 
 In-place state updates must happen once per forward, not again in the
 recomputation: :func:`recomputing` says whether one is running, and
@@ -14,14 +13,15 @@ process global, not a thread-local, because CUDA runs backward (and so the
 recomputation) on autograd's own thread.
 
 The towers from libraries checkpoint with their own switches (transformers'
-``gradient_checkpointing_enable``, open_clip's and timm's
+``activation_checkpointing_enable``, open_clip's and timm's
 ``set_grad_checkpointing``), which wrap the same torch.utils.checkpoint.
 
 Under torch.compile (``train.compile``) the checkpointed region becomes a
 tagged subgraph that the compiled backward recomputes from the graph itself:
 in-place updates are functionalised into the forward graph and never
-replayed, and random ops (dropout) are kept, not recomputed. Dynamo refuses
-a ``context_fn`` there, so none is passed.
+replayed (the running statistics move once: tested), and random ops are
+recomputed from the forward's seed (AOTAutograd functionalises their RNG).
+Dynamo refuses a ``context_fn`` there, so none is passed.
 """
 from __future__ import annotations
 
