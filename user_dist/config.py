@@ -370,6 +370,11 @@ class TrainConfig:
         "none", "torch.compile the online and key towers; 'reduce-overhead' (CUDA graphs) needs grad_accum=1 "
         "and zero_stage=0. Compiling costs minutes at start-up.",
         choices=("none", "default", "reduce-overhead", "max-autotune"))
+    grad_checkpointing: bool = opt(
+        False, "gradient (activation) checkpointing of the online towers: the text encoder's layers, the image "
+        "backbone's blocks and SGE recompute their activations in backward instead of keeping them. Less memory "
+        "per sample (docs/performance.md, 'Memory'), about one more forward of time; the same gradients. A tower "
+        "that cannot checkpoint is refused at start-up.")
     deepspeed_config: str = opt("", "optional DeepSpeed JSON file whose keys override the derived config")
     dist_timeout_s: int = opt(600, "collective timeout (seconds): how fast a dead peer is noticed; start-up waits "
                                    "at least 10 min for every rank (distributed.CONNECT_TIMEOUT_S)", gt=0)

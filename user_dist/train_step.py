@@ -191,6 +191,8 @@ class TrainStep:
         du.broadcast_module_state(model)
         # The key towers are copied in fp32 before DeepSpeed wraps the module.
         self.momentum = MomentumTowers(model, cfg.queue)
+        if t.grad_checkpointing:  # the online towers only: the key towers never run a backward
+            model.set_grad_checkpointing(True)
         owns_optimizer = step_owns_optimizer(ds_cfg)  # no ZeRO, no fp16
         self.engine, optimizer, self.clip = build_engine(model, cfg, ds_cfg, steps_per_epoch, total_steps,
                                                          owns_optimizer)

@@ -11,6 +11,8 @@
 - ``projection``: samples/s per GPU at 8-512 GPUs from the declared bytes
 - ``data``: the data pipeline per loader worker (also launch/bench_data.py)
 - ``evaluation``: scoring and encoding of the evaluation job (also launch/bench_eval.py)
+- ``memory``: peak memory per sample and the largest batch under a cap, each
+  probe a fresh process (launch/bench_memory.py)
 
 Imported as ``launch.bench`` with the repository root on sys.path (the
 scripts in launch/ put it there, as train.py does).

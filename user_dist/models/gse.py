@@ -19,6 +19,11 @@ feature over the real regions of the batch (the same BatchNorm the
 projection MLP uses). ``paper_regions`` restores the per-slot BatchNorm for
 exactly that many unpadded regions. Statistics are taken over the global
 batch (all ranks) when ``sync`` is on: see :class:`MaskedBatchNorm`.
+
+Gradient checkpointing (``train.grad_checkpointing``): SGE recomputes its
+forward in backward (user_dist.models.recompute) instead of keeping its
+(B, R, D) intermediates, about ten of them; the BatchNorm running statistics
+move once, in the forward, never in the recomputation.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from user_dist.distributed import all_gather_with_grad, world_size
+from user_dist.models.recompute import checkpoint, recomputing
 
 
 class MaskedBatchNorm(nn.Module):
@@ -42,7 +48,8 @@ class MaskedBatchNorm(nn.Module):
     (count, mean, M2) per rank (Chan's parallel formula), with gradient.
     Running statistics follow torch's BatchNorm (momentum 0.1, unbiased
     running variance), so they stay identical on every rank when synced; a
-    batch with non-finite statistics does not update them.
+    batch with non-finite statistics does not update them, and neither does a
+    gradient-checkpointing recomputation (the forward did already).
     """
 
     def __init__(self, num_features: int, sync: bool = True, eps: float = 1e-5, momentum: float = 0.1):
@@ -73,6 +80,21 @@ class MaskedBatchNorm(nn.Module):
             m2 = (m2s + counts * (means - mean) ** 2).sum(0)
         return mean, m2 / count, count
 
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        unbiased = var * count / (count - 1).clamp(min=1)
+        # A non-finite batch (an overflow, a bad sample) leaves the running
+        # statistics as they were: its step is skipped (user_dist.nonfinite),
+        # and NaN running statistics would otherwise stay for good, in
+        # evaluation and, through the EMA, in every key. Decided on the
+        # device; when synced, the same on every rank.
+        ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+        new_mean = torch.where(ok, mean.to(self.running_mean.dtype), self.running_mean)
+        new_var = torch.where(ok, unbiased.to(self.running_var.dtype), self.running_var)
+        self.running_mean.lerp_(new_mean, self.momentum)  # lerp towards itself: unchanged
+        self.running_var.lerp_(new_var, self.momentum)
+        self.num_batches_tracked.add_(ok.long())
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"MaskedBatchNorm({self.num_features}) got input with {x.shape[-1]} features "
@@ -81,20 +103,8 @@ class MaskedBatchNorm(nn.Module):
         flat = x.reshape(-1, self.num_features).to(dtype)  # (N, C)
         if self.training:
             mean, var, count = self._batch_stats(flat, None if mask is None else mask.reshape(-1))
-            with torch.no_grad():
-                unbiased = var * count / (count - 1).clamp(min=1)
-                # A non-finite batch (an overflow, a bad sample) leaves the running
-                # statistics as they were: its step is skipped (user_dist.nonfinite),
-                # and NaN running statistics would otherwise stay for good, in
-                # evaluation and, through the EMA, in every key. Decided on the
-                # device; when synced, the same on every rank.
-                ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-                # New names: `mean` itself (with its gradient) normalises below.
-                new_mean = torch.where(ok, mean.to(self.running_mean.dtype), self.running_mean)
-                new_var = torch.where(ok, unbiased.to(self.running_var.dtype), self.running_var)
-                self.running_mean.lerp_(new_mean, self.momentum)  # lerp towards itself: unchanged
-                self.running_var.lerp_(new_var, self.momentum)
-                self.num_batches_tracked.add_(ok.long())
+            if not recomputing():  # a checkpoint's recomputation: the forward moved them already
+                self._update_running(mean, var, count)
         else:
             mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
         y = (flat - mean) * torch.rsqrt(var + self.eps) * self.weight.to(dtype) + self.bias.to(dtype)
@@ -126,7 +136,10 @@ def _xavier(linear: nn.Linear) -> nn.Linear:
 
 
 class SGE(nn.Module):
-    """Self-guided enhancement of raw regions (B, R, D) -> (B, R, D)."""
+    """Self-guided enhancement of raw regions (B, R, D) -> (B, R, D).
+
+    ``checkpointing``: recompute the forward in backward (module docstring).
+    """
 
     def __init__(self, dim: int, dropout: float, enhance_lambda: float, sync_norm: bool,
                  paper_regions: Optional[int] = None):
@@ -139,6 +152,7 @@ class SGE(nn.Module):
         self.global_norm = MaskedBatchNorm(dim, sync=sync_norm)
         self.common = _xavier(nn.Linear(dim, 1))
         self.dropout = nn.Dropout(dropout)
+        self.checkpointing = False
 
     def _local(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalise W_l v_i: (B, R, D)."""
@@ -161,8 +175,13 @@ class SGE(nn.Module):
         w = masked_softmax(self.common(local * glob[:, None]).squeeze(-1), mask)  # (B, R)
         return F.normalize(torch.einsum("br,brd->bd", w, regions), dim=-1)
 
-    def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _enhanced(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return enhance(regions, self.guide(regions, mask), mask, self.enhance_lambda)
+
+    def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training:
+            return checkpoint(self._enhanced, regions, mask)
+        return self._enhanced(regions, mask)
 
 
 class ClipGuide(nn.Module):

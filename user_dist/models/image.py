@@ -4,6 +4,11 @@ Region tower (method.md): [SGE on raw regions] -> f_i = Linear(v_i) + MLP(v_i)
 -> [CGE enhancement in the embed space] -> GPO over real regions -> L2 norm.
 The backbone tower runs an open_clip vision transformer or a timm model and
 feeds its patch/grid features to the same path as regions (all real).
+
+``set_grad_checkpointing`` (``train.grad_checkpointing``): the backbone
+recomputes its blocks in backward through its library's own switch
+(non-reentrant torch.utils.checkpoint), SGE through
+user_dist.models.recompute.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from user_dist.config import ImageEncoderConfig, ModelConfig
+from user_dist.config import ConfigError, ImageEncoderConfig, ModelConfig
 from user_dist.models.gpo import GPO
 from user_dist.models.gse import SGE, ClipGuide, MaskedBatchNorm, enhance
 
@@ -56,6 +61,12 @@ class RegionTower(nn.Module):
     @property
     def needs_clip(self) -> bool:
         return self.clip_guide is not None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint SGE, the one part with many (B, R, D) intermediates
+        (the projection, CGE and GPO keep theirs)."""
+        if self.sge is not None:
+            self.sge.checkpointing = enable
 
     def forward(self, regions: torch.Tensor, mask: torch.Tensor,
                 clip_image: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -122,6 +133,29 @@ class Backbone(nn.Module):
             self.net.eval()
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The library's own switch. A frozen backbone keeps no activations
+        for backward (nothing in it needs a gradient): left as it is."""
+        if self.frozen:
+            return
+        if self.lib == "timm":
+            from timm.layers import set_reentrant_ckpt
+
+            # Non-reentrant, whatever TIMM_REENTRANT_CKPT says: the reentrant
+            # variant gives the blocks' weights no gradient when the input
+            # (the images) needs none.
+            set_reentrant_ckpt(False)
+        setter = getattr(self.net, "set_grad_checkpointing", None)
+        try:
+            if setter is None:
+                raise NotImplementedError("no set_grad_checkpointing")
+            setter(enable)
+        except (AssertionError, NotImplementedError) as exc:
+            raise ConfigError(f"train.grad_checkpointing=true: the {self.lib} backbone '{type(self.net).__name__}' "
+                              f"(model.image.backbone) cannot checkpoint its activations ({exc}); set "
+                              "train.grad_checkpointing=false or pick a backbone that can (open_clip ViTs, timm "
+                              "ViTs, ConvNeXts, ResNets)") from exc
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(next(self.net.parameters()).dtype)
         if self.lib == "open_clip":
@@ -156,6 +190,10 @@ class BackboneTower(nn.Module):
     @property
     def needs_clip(self) -> bool:
         return self.head.needs_clip
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+        self.head.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor, clip_image: Optional[torch.Tensor] = None) -> torch.Tensor:
         feats = self.backbone(images)  # (B, N, C)

@@ -93,6 +93,16 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(batch), self.encode_text(batch)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``train.grad_checkpointing``: each tower recomputes its big
+        activations in backward instead of keeping them (the text encoder's
+        layers, the backbone's blocks, SGE); gradients stay the same.
+        Call it on the online towers only, after the key towers are copied:
+        those never run a backward. Raises ConfigError for a tower that
+        cannot checkpoint. The frozen online CLIP keeps no activations."""
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
     def compile_towers(self, mode: str = "default") -> None:
         """torch.compile the towers' parts in place (parameter names unchanged):
         every child module of each tower but single Linears, which gain

