@@ -277,7 +277,7 @@ class SplitIds:
 
 def read_split_ids(folder: str) -> SplitIds:
     """Every sample's image id and caption ids, reading only the ``json`` members
-    (the other members are skipped with a seek: a COCO 5K region split reads in a second)."""
+    (the other members are skipped with a seek, never read)."""
     manifest = load_manifest(folder)
     image_ids: List[Any] = []
     caption_ids: Optional[List[Any]] = []
