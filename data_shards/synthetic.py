@@ -42,7 +42,8 @@ from user_dist.data_format import CAPTIONS_PER_IMAGE, MANIFEST
 GENERATOR_VERSION = 1
 SOURCE = "synthetic"
 SPLITS = ("train", "val", "test")
-# image_id = offset + index, so ids are unique across splits.
+# image_id = offset + index, so ids are unique across splits; caption j of an
+# image has id 5 * image_id + j (unique too), so the caption-id path is always exercised.
 ID_OFFSET = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 SPLIT_SEED = {"train": 1, "val": 2, "test": 3}
 CANVAS, GRID = 64, 3
@@ -153,7 +154,8 @@ def generate_split(split: str, n: int, seed: int) -> List[Dict[str, Any]]:
         captions = five_captions(scene, rng)
         entries.append({"filename": f"{split}_{k:06d}.jpg", "filepath": split, "split": split,
                         "imgid": ID_OFFSET[split] + k, "scene": scene,
-                        "sentences": [{"raw": c} for c in captions]})
+                        "sentences": [{"raw": c, "sentid": CAPTIONS_PER_IMAGE * (ID_OFFSET[split] + k) + j}
+                                      for j, c in enumerate(captions)]})
     return entries
 
 
@@ -282,7 +284,8 @@ def build_split(out_dir: str, mode: str, split: str, items: Sequence[Mapping[str
                 arrays: Dict[str, Any] = {"regions.npy": regions, "boxes.npy": boxes}
             else:
                 arrays = {"jpg": render(entry["scene"], rng)}
-            meta = sample_json(entry["imgid"], [c["raw"] for c in entry["sentences"]], split, SOURCE)
+            meta = sample_json(entry["imgid"], [c["raw"] for c in entry["sentences"]], split, SOURCE,
+                               [c["sentid"] for c in entry["sentences"]])
             writer.add(f"{SOURCE}_{split}_{k:06d}", meta, arrays)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from data_shards import TOOL_VERSION
 from user_dist.atomic import AtomicFile, atomic_json, is_temporary
 from user_dist.data_format import (CAPTIONS_PER_IMAGE, FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo,
-                                   check_array)
+                                   check_array, valid_caption_ids)
 
 
 class BuildError(ValueError):
@@ -37,8 +37,13 @@ def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
-def sample_json(image_id: Any, captions: Sequence[str], split: str, source: str) -> Dict[str, Any]:
-    return {"image_id": image_id, "captions": list(captions), "split": split, "source": source}
+def sample_json(image_id: Any, captions: Sequence[str], split: str, source: str,
+                caption_ids: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+    """A sample's json member; caption_ids (one per caption, same order) when the source has them."""
+    meta = {"image_id": image_id, "captions": list(captions), "split": split, "source": source}
+    if caption_ids is not None:
+        meta["caption_ids"] = list(caption_ids)
+    return meta
 
 
 def prepare_output(out_dir: str, overwrite: bool) -> None:
@@ -146,6 +151,9 @@ class SampleEncoder:
             raise BuildError(f"sample key '{key}' must not contain '.' or '/' (WebDataset splits keys at dots)")
         if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
             raise BuildError(f"sample '{key}': {len(meta['captions'])} captions, expected {CAPTIONS_PER_IMAGE}")
+        if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"]):
+            raise BuildError(f"sample '{key}' (image {meta['image_id']!r}): caption ids {meta['caption_ids']!r} are "
+                             f"not {CAPTIONS_PER_IMAGE} distinct ints or strings")
         got = sorted(set(arrays) | {"json"})
         if got != self.members:
             raise BuildError(f"sample '{key}' has members {got}, expected {self.members}")
@@ -179,9 +187,15 @@ class ShardWriter:
         self.prefix = prefix or f"{source}-{split}"
         self.shards: List[ShardInfo] = []
         self._current: Optional[TarShard] = None
+        self._caption_keys: Dict[str, str] = {}  # caption id -> sample key: ids must be unique in a split
 
     def add(self, key: str, meta: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
         members = self.encoder.encode(key, meta, arrays)
+        for cid in meta.get("caption_ids", ()):
+            other = self._caption_keys.setdefault(str(cid), key)
+            if other != key:
+                raise BuildError(f"caption id {cid!r} appears in samples '{other}' and '{key}' of split "
+                                 f"'{self.split}'; caption ids must be unique (check the ids' source)")
         if self._current is None:
             name = f"{self.prefix}-{len(self.shards):05d}.tar"
             self._current = TarShard(os.path.join(self.out_dir, name))

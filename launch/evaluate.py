@@ -3,6 +3,8 @@
 
     # offline scoring and ensembles: one or more saved (N, 5N) image x caption matrices
     python launch/evaluate.py --sims A.npy [B.npy ...] --protocol coco1k --json out.json
+    # + ECCV Caption / CxC (/ PMRP) on COCO 5K: the split's ids from its shards or the ids.json beside sims.npy
+    python launch/evaluate.py --sims sims.npy --protocol coco5k --ids data/coco/shards/regions/test [--pm-dir DIR]
     # one checkpoint (inside RUN/checkpoints/ it is recorded like the watch mode does)
     python launch/evaluate.py --checkpoint runs/NAME/checkpoints/step_00001000 [--out DIR]
     # every complete checkpoint of a run not evaluated yet; --watch keeps following it
@@ -41,7 +43,9 @@ from user_dist.atomic import AtomicFile, atomic_json  # noqa: E402
 from user_dist.config import load_config  # noqa: E402
 from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
                                           evaluate, i2t_ranks_torch, t2i_ranks_torch)
-from user_dist.evaluation.report import TowerScores, format_table, shown_images, write_report  # noqa: E402
+from user_dist.evaluation.extended import EXTENDED, extended_or_note, save_ids, tensorboard_tag  # noqa: E402
+from user_dist.evaluation.report import (TowerScores, format_extended, format_table, shown_images,  # noqa: E402
+                                         write_report)
 
 log = logging.getLogger("user_dist.evaluate")
 
@@ -141,7 +145,10 @@ def format_results(results: Dict[str, dict]) -> str:
     if list(sets) == ["online"]:
         return format_table(results)
     first = next(iter(sets.values()))
-    return format_table({f"{p} ({name})": m[p] for p in first for name, m in sets.items() if p in m})
+    table = format_table({f"{p} ({name})": m[p] for p in first if p != EXTENDED
+                          for name, m in sets.items() if p in m})
+    extended = [f"{name} towers\n{format_extended(m[EXTENDED])}" for name, m in sets.items() if EXTENDED in m]
+    return "\n\n".join([table, *extended])
 
 
 class CheckpointEvaluator:
@@ -202,6 +209,7 @@ class CheckpointEvaluator:
             # Scored where the matrix is computed; only the rank vectors come back per protocol.
             sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
             results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
+            results.update(self.extended(sims, cfg, out_dir))
             # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
             ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
             scored[towers] = TowerScores(towers, results, sims.cpu().numpy(), ranks)  # once, for the report
@@ -258,6 +266,22 @@ class CheckpointEvaluator:
         write_report(path, title, first.results, first.sims, captions,
                      [f"image #{k}" for k in range(first.sims.shape[0])], images,
                      examples=cfg.eval.report_examples, ranks=first.ranks, towers=first.name, more=more)
+
+
+    def extended(self, sims, cfg, out_dir: str) -> dict:
+        """{EXTENDED: ECCV Caption / CxC / PMRP metrics} per eval.extended, else {}; with eval.save_sims
+        the split's ids go to out_dir/ids.json (what --sims --ids needs)."""
+        from user_dist.data_format import read_split_ids
+
+        if cfg.eval.extended == "never" and not cfg.eval.save_sims:
+            return {}
+        ids = read_split_ids(self.split_dir(cfg))
+        if cfg.eval.save_sims:
+            os.makedirs(out_dir, exist_ok=True)
+            save_ids(os.path.join(out_dir, "ids.json"), ids)
+        metrics = None if cfg.eval.extended == "never" else \
+            extended_or_note(sims, ids, cfg.eval.extended == "always", cfg.eval.pm_dir)
+        return {EXTENDED: metrics} if metrics else {}
 
 
 def _all_ranks_ok(ok: bool) -> bool:
@@ -326,7 +350,8 @@ class RunRecorder:
             for protocol, metrics in by_protocol.items():
                 for key, value in metrics.items():
                     if key != "folds":
-                        self._writer.add_scalar(f"{prefix}/{protocol}/{key}", value, step)
+                        name = tensorboard_tag(key, prefix) if protocol == EXTENDED else f"{prefix}/{protocol}/{key}"
+                        self._writer.add_scalar(name, value, step)
         self._writer.flush()
         towers, by_protocol = next(iter(sets.items()))  # the first set scored ranks the checkpoints
         protocol = next(iter(by_protocol))
@@ -430,6 +455,10 @@ def parse_args(argv):
                            "torchrun takes only --run-dir: it reads --run as its own --run-path)")
     p.add_argument("--protocol", choices=list(PROTOCOL_IMAGES), help="with --sims: the protocol")
     p.add_argument("--json", metavar="OUT", help="with --sims: write the metrics to this JSON file")
+    p.add_argument("--ids", metavar="PATH", help="with --sims: the split's shard folder or ids.json (written beside "
+                   "sims.npy): adds ECCV Caption / CxC metrics on COCO 5K with COCO caption ids")
+    p.add_argument("--pm-dir", default="", metavar="DIR", help="with --ids: folder of the plausible-match files "
+                   "(pm_image_to_caption.json, pm_caption_to_image.json): adds PMRP")
     p.add_argument("--watch", action="store_true", help="with --run-dir: keep following the run for new checkpoints")
     p.add_argument("--poll", type=float, default=60.0, metavar="S", help="with --watch: seconds between scans")
     p.add_argument("--shards", metavar="DIR", help="test split to encode (default: the config's data.test_shards)")
@@ -444,8 +473,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.sims and not args.protocol:
         p.error("--sims needs --protocol (coco5k, coco1k, f30k or generic)")
-    if not args.sims and (args.protocol or args.json):
-        p.error("--protocol and --json go with --sims; for checkpoints set eval.protocols=[...]")
+    if not args.sims and (args.protocol or args.json or args.ids or args.pm_dir):
+        p.error("--protocol, --json, --ids and --pm-dir go with --sims; for checkpoints set eval.protocols=[...], "
+                "eval.extended, eval.pm_dir")
+    if args.pm_dir and not args.ids:
+        p.error("--pm-dir needs --ids (PMRP is computed with the ECCV Caption / CxC metrics)")
     if args.watch and not args.run:
         p.error("--watch goes with --run-dir DIR")
     if args.sims and (args.overrides or args.shards or args.images_from or args.towers != "online"):
@@ -456,11 +488,12 @@ def parse_args(argv):
 
 
 def _score_sims(args) -> int:
-    results = evaluate(load_sims(args.sims, args.protocol), args.protocol,
-                       source=args.sims[0] if len(args.sims) == 1 else "averaged matrices")
-    print(format_table({args.protocol: results}))
+    sims = load_sims(args.sims, args.protocol)
+    results = evaluate(sims, args.protocol, source=args.sims[0] if len(args.sims) == 1 else "averaged matrices")
+    extended = extended_or_note(sims, args.ids, True, args.pm_dir) if args.ids else None
+    print(format_table({args.protocol: results, **({EXTENDED: extended} if extended else {})}))
     if args.json:
-        atomic_json(args.json, results)
+        atomic_json(args.json, {**results, EXTENDED: extended} if extended else results)
     return 0
 
 

@@ -170,3 +170,42 @@ def test_validation_by_the_momentum_towers_keeps_the_checkpoint_they_score_best(
     assert meta.best_tag == ckpt.tag_for(best_step) and meta.best_rsum == pytest.approx(scored[best_step])
     assert (run / "checkpoints" / "best").read_text().strip() == ckpt.tag_for(best_step)
 
+
+
+def test_both_sets_of_towers_keep_their_own_extended_metrics_in_table_tensorboard_and_report(tmp_path):
+    """--towers both on COCO 5K with caption ids: each set's ECCV / CxC / PMRP
+    figures stay with that set in the terminal table, the TensorBoard tags
+    (eval/eccv_* and eval/momentum/eccv_*) and the report."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from user_dist.evaluation import extended
+    from user_dist.evaluation.report import TowerScores, render_html
+
+    rng = np.random.default_rng(1)
+    sims = {t: rng.standard_normal((6, 30)).astype(np.float32) for t in ("online", "momentum")}
+    ext = {t: {k: float(v) for k, v in zip(extended.EXTENDED_KEYS, rng.uniform(0, 100, len(extended.EXTENDED_KEYS)))}
+           for t in sims}
+    by_towers = {t: {"generic": evaluate(sims[t], "generic"), extended.EXTENDED: ext[t]} for t in sims}
+    results = job.towers_results(by_towers)
+
+    table = job.format_results(results)
+    for t in sims:
+        block = table.split(f"{t} towers\n", 1)[1].split("\n\n", 1)[0]
+        assert f"{ext[t]['eccv_i2t_map_at_r']:.2f}" in block.splitlines()[1]
+    assert "generic (online)" in table and "generic (momentum)" in table and "extended (" not in table
+
+    recorder = job.RunRecorder(str(tmp_path))
+    recorder.record("step_00000010", 10, results)
+    acc = EventAccumulator(str(tmp_path / "tb" / "eval"))
+    acc.Reload()
+    assert acc.Scalars("eval/cxc_t2i_r5")[0].value == pytest.approx(ext["online"]["cxc_t2i_r5"], rel=1e-6)
+    assert acc.Scalars("eval/momentum/cxc_t2i_r5")[0].value == pytest.approx(ext["momentum"]["cxc_t2i_r5"], rel=1e-6)
+    best = json.loads((tmp_path / "eval" / "best.json").read_text())
+    assert (best["towers"], best["protocol"]) == ("online", "generic")
+
+    captions, labels = [f"c{j}" for j in range(30)], [f"i{k}" for k in range(6)]
+    page = render_html("t", by_towers["online"], sims["online"], captions, labels, towers="online",
+                       more=[TowerScores("momentum", by_towers["momentum"], sims["momentum"], None)])
+    for t in sims:
+        part = page.split(f"COCO 5K with extended positives ({t} towers)", 1)[1].split("<h2>", 1)[0]
+        assert f"<td>ECCV R@1</td><td>{ext[t]['eccv_i2t_r1']:.2f}</td>" in part

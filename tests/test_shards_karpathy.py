@@ -137,3 +137,71 @@ def test_own_data_needs_only_file_names_splits_and_five_captions(tmp_path):
         {"image_id": k, "captions": [f"photo {k} caption {j}" for j in range(5)], "split": "train",
          "source": "my_captions"} for k in range(2)]
     assert [r.members["jpg"] for r in samples] == [jpeg(0), jpeg(1)]
+
+
+# ----------------------------------------------------------------------------- caption ids
+
+
+def with_sentids(path):
+    """Give the fixture's sentences Karpathy-style sentids (9000 + 10 k + j)."""
+    data = json.loads(path.read_text())
+    for k, image in enumerate(data["images"]):
+        for j, s in enumerate(image["sentences"]):
+            s["sentid"] = 9000 + 10 * k + j
+    path.write_text(json.dumps(data))
+
+
+def coco_captions_file(path, images, text=lambda k, j: f"Image {k}, caption {j}.", skip=()):
+    """A COCO captions_*.json for the fixture's images: annotation id 500000 + 10 k + (4 - j), the
+    captions listed in reverse order so that matching must go by text, not by position."""
+    annotations = [{"image_id": 1000 + k, "id": 500000 + 10 * k + (4 - j), "caption": text(k, j)}
+                   for k in images for j in reversed(range(5)) if (k, j) not in skip]
+    path.write_text(json.dumps({"images": [], "annotations": annotations}))
+    return str(path)
+
+
+def test_without_coco_captions_the_sentids_are_recorded(coco):
+    root, path = coco
+    with_sentids(path)
+    build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+    ks = [k for k, s in enumerate(SPLITS) if s == "test"]
+    assert [decode_json(r)["caption_ids"] for r in read(root / "out")] == [[9000 + 10 * k + j for j in range(5)]
+                                                                          for k in ks]
+    assert load_manifest(str(root / "out")).build["caption_ids"] == "sentid"
+
+
+def test_coco_captions_give_coco_annotation_ids_matched_by_image_and_text(coco):
+    root, path = coco
+    with_sentids(path)
+    # COCO's text differs in case, spacing and punctuation; a repeated caption takes the next free id
+    data = json.loads(path.read_text())
+    data["images"][3]["sentences"][4]["raw"] = data["images"][3]["sentences"][3]["raw"]
+    path.write_text(json.dumps(data))
+    text = lambda k, j: f"  image {k} caption {min(j, 3) if k == 3 else j}\n"  # noqa: E731
+    train = coco_captions_file(root / "captions_train2014.json", [0, 5], text)
+    val = coco_captions_file(root / "captions_val2014.json", [1, 2, 3, 4, 6], text)
+    assert main(["karpathy", "--json", str(path), "--images", str(root / "images"), "--split", "test",
+                 "--out", str(root / "out"), "--coco-captions", f"{train},{val}"]) == 0
+    got = [decode_json(r)["caption_ids"] for r in read(root / "out")]
+    assert got[0] == [500000 + 10 * 3 + (4 - j) for j in range(3)] + [500030, 500031]  # the repeat: ids 4-3, 4-4
+    assert got[1:] == [[500000 + 10 * k + (4 - j) for j in range(5)] for k in (4, 6)]
+    manifest = load_manifest(str(root / "out"))
+    assert manifest.build["caption_ids"] == "coco" and len(manifest.build["coco_captions"]) == 2
+
+
+def test_captions_without_a_coco_match_stop_the_build_and_are_listed(coco, capsys):
+    root, path = coco
+    ann = coco_captions_file(root / "captions_val2014.json", [3, 4, 6], skip={(4, 2), (6, 0)})
+    assert main(["karpathy", "--json", str(path), "--images", str(root / "images"), "--split", "test",
+                 "--out", str(root / "out"), "--coco-captions", ann]) == 2
+    err = capsys.readouterr().err
+    assert "2 caption(s) have no match" in err
+    assert "image 1004: 'Image 4, caption 2.'" in err and "image 1006: 'Image 6, caption 0.'" in err
+    assert not os.path.exists(root / "out" / "manifest.json")
+
+
+def test_a_file_that_is_not_coco_captions_is_named(coco):
+    root, path = coco
+    (root / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(BuildError, match="bad.json: not a COCO captions file"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), coco_captions=[str(root / "bad.json")])

@@ -72,3 +72,32 @@ def test_ids_that_fit_neither_n_nor_5n_are_reported(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(BuildError, match="missing file .*dev_ims.npy"):
         build_precomp(str(tmp_path), "dev", str(tmp_path / "out"))
+
+
+def test_caption_ids_file_gives_each_sample_its_five_ids_in_caption_order(tmp_path):
+    make_precomp(tmp_path)
+    (tmp_path / "cids.txt").write_text("".join(f"{700000 + 5 * k + j}\n" for k in range(7) for j in range(5)))
+    build_precomp(str(tmp_path), "testall", str(tmp_path / "out"), shard_size=3, caption_ids=str(tmp_path / "cids.txt"))
+    manifest, samples = read(tmp_path / "out")
+    assert [decode_json(r)["caption_ids"] for r in samples] == [[700000 + 5 * k + j for j in range(5)]
+                                                               for k in range(7)]
+    assert manifest.build["caption_ids"].endswith("cids.txt")
+
+
+def test_caption_ids_file_of_the_wrong_length_or_with_repeats_is_refused(tmp_path):
+    make_precomp(tmp_path)
+    (tmp_path / "short.txt").write_text("".join(f"{k}\n" for k in range(34)))
+    with pytest.raises(BuildError, match="short.txt: 34 lines, but .*testall_caps.txt has 35 captions"):
+        build_precomp(str(tmp_path), "testall", str(tmp_path / "out"), caption_ids=str(tmp_path / "short.txt"))
+    (tmp_path / "twice.txt").write_text("".join(f"{k if k != 12 else 3}\n" for k in range(35)))
+    with pytest.raises(BuildError, match="caption id 3 appears in samples 'coco_testall_000000' and "
+                                         "'coco_testall_000002'"):
+        build_precomp(str(tmp_path), "testall", str(tmp_path / "out"), caption_ids=str(tmp_path / "twice.txt"),
+                      source="coco")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_without_a_caption_ids_file_samples_have_none(tmp_path):
+    make_precomp(tmp_path, n=2)
+    build_precomp(str(tmp_path), "testall", str(tmp_path / "out"))
+    assert all("caption_ids" not in decode_json(r) for r in read(tmp_path / "out")[1])

@@ -110,3 +110,13 @@ def test_skip_existing_redoes_a_folder_left_unfinished(built):
     os.remove(folder / "manifest.json")  # as after an interrupted build
     build_synthetic(str(built), region_dim=32, shard_size=8, skip_existing=True, **SIZES)
     assert load_manifest(str(folder)).num_samples == 12
+
+
+def test_every_caption_has_an_id_unique_over_all_splits(built):
+    ids = []
+    for split in ("train", "val", "test"):
+        for raw in samples(built / "shards" / "regions" / split):
+            meta = decode_json(raw)
+            assert meta["caption_ids"] == [5 * meta["image_id"] + j for j in range(5)]
+            ids += meta["caption_ids"]
+    assert len(set(ids)) == len(ids) == 5 * 62

@@ -133,3 +133,53 @@ def test_a_full_disk_leaves_no_partial_shard_and_no_manifest(small_disk, capsys)
     assert "were removed and no manifest.json was written" in err
     left = [os.path.join(b, n) for b, _, names in os.walk(out) for n in names]
     assert not [p for p in left if is_temporary(p) or p.endswith("manifest.json")], left
+
+
+# ----------------------------------------------------------------------------- caption ids
+
+
+def write_ids_split(out, caption_ids=lambda k: [10 * k + j for j in range(5)], n=5):
+    with ShardWriter(str(out), split="test", source="unit", encoder=ENCODER, shard_size=2,
+                     build={"command": "unit"}) as w:
+        for k in range(n):
+            meta = sample_json(f"img{k}", [f"caption {k} {j}" for j in range(5)], "test", "unit", caption_ids(k))
+            w.add(f"unit_test_{k:06d}", meta, {"regions.npy": np.full((3, 4), k, dtype=np.float16)})
+
+
+def test_split_ids_are_read_in_split_order_from_the_json_members_alone(tmp_path):
+    from user_dist.data_format import read_split_ids
+
+    write_ids_split(tmp_path)
+    ids = read_split_ids(str(tmp_path))
+    assert ids.image_ids == [f"img{k}" for k in range(5)]
+    assert ids.caption_ids == [10 * k + j for k in range(5) for j in range(5)]
+
+
+def test_split_ids_of_shards_without_caption_ids_have_none(tmp_path):
+    from user_dist.data_format import read_split_ids
+
+    write_split(tmp_path)
+    ids = read_split_ids(str(tmp_path))
+    assert ids.image_ids == list(range(5)) and ids.caption_ids is None
+
+
+def test_split_ids_of_a_truncated_shard_are_refused(tmp_path):
+    from user_dist.data_format import ShardError, read_split_ids
+
+    write_ids_split(tmp_path)
+    shard = tmp_path / "unit-test-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:2000])  # cut inside the second sample's regions
+    with pytest.raises(ShardError, match="unit-test-00001.tar: truncated or corrupt tar"):
+        read_split_ids(str(tmp_path))
+
+
+@pytest.mark.parametrize("ids,message", [([1, 2, 3, 4], "not 5 distinct"), ([1, 2, 3, 4, 4], "not 5 distinct"),
+                                         ([1, 2, 3, 4, True], "not 5 distinct"), ([1, 2, 3, 4, None], "not 5")])
+def test_bad_caption_ids_are_refused_when_writing_and_reading(tmp_path, ids, message):
+    from user_dist.data_format import RawSample, ShardError, decode_json
+
+    meta = sample_json(0, [f"c{j}" for j in range(5)], "test", "unit", ids)
+    with pytest.raises(BuildError, match=f"sample 'k' \\(image 0\\): caption ids .* are {message}"):
+        ENCODER.encode("k", meta, {"regions.npy": np.zeros((1, 4), np.float16)})
+    with pytest.raises(ShardError, match="sample 'k' member 'json' has caption_ids"):
+        decode_json(RawSample("s.tar", "k", {"json": json.dumps(meta).encode()}))

@@ -389,6 +389,11 @@ class EvalConfig:
     save_sims: bool = opt(False, "save the image x caption similarity matrix (.npy)")
     report_examples: int = opt(5, "image queries and caption queries shown (top-5 each) on the HTML report page",
                                ge=0)
+    extended: str = opt("auto", "ECCV Caption / CxC / PMRP metrics (COCO 5K test split with COCO caption ids, "
+                        "eccv_caption package): auto = when available, always = also warn why not, never",
+                        choices=("auto", "always", "never"))
+    pm_dir: str = opt("", "folder with eccv_caption's pm_image_to_caption.json and pm_caption_to_image.json "
+                      "(PMRP); empty = no PMRP")
 
 
 @dataclass

@@ -2,13 +2,16 @@
 
 One WebDataset sample per image. Members of sample KEY (KEY has no dot):
 
-    KEY.json            {"image_id", "captions": [5 str], "split", "source"}
+    KEY.json            {"image_id", "captions": [5 str], "caption_ids": [5 int|str], "split", "source"}
     KEY.regions.npy     float16 (R, F) region features        (region shards)
     KEY.boxes.npy       float32 (R, 4) normalised x1 y1 x2 y2  (optional)
     KEY.jpg             the image bytes                        (jpg shards)
     KEY.clip_image.npy  float16 (D,)   frozen-CLIP image feature (optional)
     KEY.clip_text.npy   float16 (5, D) frozen-CLIP caption features (optional)
 
+``caption_ids`` (the captions' ids, e.g. COCO's annotation ids, in the
+captions' order) is optional: shards built before it existed lack it, and
+only the extended COCO metrics (ECCV Caption, CxC, PMRP) need it.
 Each split folder holds the shards and ``manifest.json`` (see
 :func:`load_manifest`). Sample order inside a split is the source order.
 This module is shared by the builders (``data_shards``) and the readers
@@ -24,7 +27,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -147,8 +150,11 @@ def _octal(field: bytes) -> int:
     return int(field.rstrip(b" \0") or b"0", 8)
 
 
-def iter_tar_members(f: BinaryIO) -> Iterator[Tuple[str, bytes]]:
+def iter_tar_members(f: BinaryIO, want: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, bytes]]:
     """(name, bytes) of the regular files of a tar stream, in order.
+
+    want: when given, only members whose name it accepts are read and yielded;
+    the others are skipped with a seek (``f`` must be seekable).
 
     A small reader of the ustar/pax/GNU formats: several times faster than
     ``tarfile`` for many small members, and strict: a bad header checksum, a
@@ -166,6 +172,14 @@ def iter_tar_members(f: BinaryIO) -> Iterator[Tuple[str, bytes]]:
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise tarfile.ReadError("bad header checksum (corrupt data)")
         size, kind = _octal(header[124:136]), header[156:157]
+        if want is not None and kind in (b"0", b"\0", b"7"):
+            name = _member_name(header, long_name)
+            if not want(name):
+                end = f.seek(size + (-size % _BLOCK), os.SEEK_CUR)
+                if end > os.fstat(f.fileno()).st_size:
+                    raise tarfile.ReadError("a member is cut short (truncated)")
+                long_name = None
+                continue
         data = f.read(size)
         if len(data) < size:
             raise tarfile.ReadError("a member is cut short (truncated)")
@@ -178,13 +192,17 @@ def iter_tar_members(f: BinaryIO) -> Iterator[Tuple[str, bytes]]:
                 if field.startswith("path="):
                     long_name = field[5:].encode("utf-8")
         elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].rstrip(b"\0")
-            prefix = header[345:500].rstrip(b"\0")
-            if header[257:262] == b"ustar" and prefix:
-                name = prefix + b"/" + name
-            yield (long_name or name).decode("utf-8"), data
+            yield _member_name(header, long_name), data
             long_name = None
         # other kinds (directories, links, global pax headers) carry no sample data
+
+
+def _member_name(header: bytes, long_name: Optional[bytes]) -> str:
+    name = header[:100].rstrip(b"\0")
+    prefix = header[345:500].rstrip(b"\0")
+    if header[257:262] == b"ustar" and prefix:
+        name = prefix + b"/" + name
+    return (long_name or name).decode("utf-8")
 
 
 def iter_raw_samples(path: str) -> Iterator[RawSample]:
@@ -232,7 +250,57 @@ def decode_json(raw: RawSample) -> Dict[str, Any]:
             not all(isinstance(c, str) for c in captions):
         raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' must hold {CAPTIONS_PER_IMAGE} caption "
                          f"strings, found {captions!r:.200}")
+    if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"]):
+        raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' has caption_ids {meta['caption_ids']!r:.200}; "
+                         f"expected {CAPTIONS_PER_IMAGE} distinct ints or strings (rebuild the shard)")
     return meta
+
+
+def valid_caption_ids(ids: Any) -> bool:
+    """True for a list of 5 distinct ids, each an int (not a bool) or a non-empty string."""
+    return (isinstance(ids, list) and len(ids) == CAPTIONS_PER_IMAGE and len(set(map(str, ids))) == len(ids)
+            and all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, str) and i) for i in ids))
+
+
+@dataclass(frozen=True)
+class SplitIds:
+    """The ids of a split in split order (the order the evaluation encodes it).
+
+    image_ids: N ids as the shards hold them; caption_ids: 5N ids (image k's at
+    5k..5k+4), or None when any sample has none (shards built before caption
+    ids were recorded).
+    """
+
+    image_ids: List[Any]
+    caption_ids: Optional[List[Any]]
+
+
+def read_split_ids(folder: str) -> SplitIds:
+    """Every sample's image id and caption ids, reading only the ``json`` members
+    (the other members are skipped with a seek, never read)."""
+    manifest = load_manifest(folder)
+    image_ids: List[Any] = []
+    caption_ids: Optional[List[Any]] = []
+    for shard in manifest.shards:
+        path = manifest.shard_path(shard)
+        count = 0
+        try:
+            with open(path, "rb") as f:
+                for name, data in iter_tar_members(f, want=lambda n: split_member_name(n)[1] == "json"):
+                    meta = decode_json(RawSample(path, split_member_name(name)[0], {"json": data}))
+                    image_ids.append(meta["image_id"])
+                    count += 1
+                    if caption_ids is not None:
+                        if "caption_ids" in meta:
+                            caption_ids.extend(meta["caption_ids"])
+                        else:
+                            caption_ids = None
+        except (tarfile.TarError, OSError) as exc:
+            raise ShardError(f"{path}: truncated or corrupt tar ({exc}); rebuild or re-copy this shard") from exc
+        if count != shard.num_samples:
+            raise ShardError(f"{path}: {count} samples, the manifest says {shard.num_samples}; rebuild or re-copy "
+                             "this shard")
+    return SplitIds(image_ids, caption_ids)
 
 
 def member(raw: RawSample, ext: str) -> bytes:

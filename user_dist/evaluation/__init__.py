@@ -5,6 +5,8 @@
 - :mod:`.encode`: each image and caption of a split encoded once, in order,
   gathered over ranks.
 - :mod:`.report`: the terminal table and the HTML page per checkpoint.
+- :mod:`.extended`: ECCV Caption, CxC and PMRP on COCO 5K (extended positives),
+  through NAVER's ``eccv_caption`` package, when the split has COCO caption ids.
 
 The job that ties them to checkpoints and run folders is ``launch/evaluate.py``.
 """

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from user_dist.atomic import atomic_write
+from user_dist.evaluation.extended import EXTENDED
 from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, METRIC_KEYS, i2t_ranks, recall_curve, t2i_ranks
 from user_dist.evaluation.thumbnails import ReportImages
 
@@ -26,13 +27,45 @@ CURVE_MAX_K = 50
 
 
 def format_table(results: Dict[str, dict]) -> str:
-    """A plain-text table, one row per protocol: recalls and rsum (percent), ranks."""
+    """A plain-text table, one row per protocol: recalls and rsum (percent), ranks;
+    then the extended metrics' table when results hold them."""
     header = ["protocol", *METRIC_KEYS]
     rows = [[p, *(f"{m[k]:.1f}" if k.endswith(("medr", "meanr")) else f"{m[k]:.2f}" for k in METRIC_KEYS)]
-            for p, m in results.items()]
+            for p, m in results.items() if p != EXTENDED]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths))
-                     for r in [header, ["-" * w for w in widths], *rows])
+    table = "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths))
+                      for r in [header, ["-" * w for w in widths], *rows])
+    return table + ("\n\n" + format_extended(results[EXTENDED]) if EXTENDED in results else "")
+
+
+def _extended_rows(extended: Dict[str, float]) -> List[Tuple[str, str, str]]:
+    """(metric, i2t, t2i) of the extended metrics present, e.g. ('ECCV mAP@R', '23.99', '31.96')."""
+    names = {"eccv_{}_map_at_r": "ECCV mAP@R", "eccv_{}_rprecision": "ECCV R-Precision", "eccv_{}_r1": "ECCV R@1",
+             "cxc_{}_r1": "CxC R@1", "cxc_{}_r5": "CxC R@5", "cxc_{}_r10": "CxC R@10", "pmrp_{}": "PMRP"}
+    return [(name, f"{extended[key.format('i2t')]:.2f}", f"{extended[key.format('t2i')]:.2f}")
+            for key, name in names.items() if key.format("i2t") in extended]
+
+
+def format_extended(extended: Dict[str, float]) -> str:
+    """The ECCV Caption / CxC / PMRP metrics (percent) as a plain-text table, one row per metric."""
+    rows = [("COCO 5K, extended positives", "i2t", "t2i"), *_extended_rows(extended)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def extended_html(extended: Optional[Dict[str, float]], suffix: str = "") -> str:
+    """The report's section for the ECCV Caption / CxC / PMRP metrics ('' without them);
+    ``suffix`` names the set of towers, e.g. " (momentum towers)"."""
+    if not extended:
+        return ""
+    cells = "".join(f"<tr><td>{html.escape(n)}</td><td>{a}</td><td>{b}</td></tr>" for n, a, b in
+                    _extended_rows(extended))
+    return (f"<h2>COCO 5K with extended positives{html.escape(suffix)}</h2>"
+            "<p>In percent. ECCV Caption (mAP@R, R-Precision, R@1) "
+            "and CxC (R@K) count machine- and human-verified extra matches as correct, PMRP (R-Precision) "
+            "plausible matches; see docs/evaluation.md.</p>"
+            f"<table><tr><th>metric</th><th>image to text</th><th>text to image</th></tr>{cells}</table>")
 
 
 def example_queries(count: int, n: int) -> np.ndarray:
@@ -189,12 +222,15 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
         *(f"<th>{k}</th>" for k in METRIC_KEYS), "</tr>",
     ]
     for p in sets[0].results:  # one protocol's rows together: the sets of towers side by side
+        if p == EXTENDED:
+            continue
         for s in sets:
             if p in s.results:
                 m = s.results[p]
                 out.append(f"<tr><td>{esc(p + suffix[s.name])}</td>"
                            + "".join(f"<td>{m[k]:.2f}</td>" for k in METRIC_KEYS) + "</tr>")
     out.append("</table>")
+    out += [extended_html(s.results.get(EXTENDED), suffix[s.name]) for s in sets]
 
     all_ranks = [s.ranks if s.ranks is not None else (i2t_ranks(s.sims), t2i_ranks(s.sims)) for s in sets]
     curves = {}
