@@ -161,7 +161,8 @@ def probe(args, overrides: Sequence[str], batch: int, cap_gb: float) -> dict:
     """One probe in a fresh process. ``fits`` is False when it passed the cap
     (killed) or ran out of CUDA memory; ``error`` holds any other failure."""
     spec = {"preset": args.preset, "precision": args.precision, "overrides": list(overrides), "batch": batch,
-            "micro_batch": args.micro_batch, "steps": args.steps, "regions": args.regions, "caption_len": args.caption_len, "cap_gb": cap_gb}
+            "micro_batch": args.micro_batch, "steps": args.steps, "regions": args.regions,
+            "caption_len": args.caption_len, "cap_gb": cap_gb}
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "bench_memory.py"), "--child", json.dumps(spec)]
@@ -212,6 +213,12 @@ def peak_of(row: dict, steps_only: bool = False) -> float:
 # --------------------------------------------------------------------------- per sample
 
 
+def _printed(name: str, row: dict) -> dict:
+    """Each probe as it ends: a run cut short still leaves its probes."""
+    print(f"  {name} batch {row['batch']}: {json.dumps(row)}", flush=True)
+    return row
+
+
 def per_sample(args, variants) -> List[dict]:
     """Peak at two batch sizes per variant: the slope is the memory per
     sample, the intercept what the step holds whatever the batch."""
@@ -220,7 +227,7 @@ def per_sample(args, variants) -> List[dict]:
         check_batch(args, b, "--batches")
     rows = []
     for name, extra in variants:
-        r1, r2 = (probe(args, args.overrides + extra, b, 0.0) for b in (b1, b2))
+        r1, r2 = (_printed(name, probe(args, args.overrides + extra, b, 0.0)) for b in (b1, b2))
         row = {"variant": name, "overrides": extra, "probes": [r1, r2]}
         if "error" not in r1 and "error" not in r2:
             slope = (peak_of(r2, True) - peak_of(r1, True)) / (b2 - b1)
