@@ -7,7 +7,9 @@ under a memory cap, each measurement a fresh process running real steps
     python launch/bench_memory.py per-sample --preset tiny --batches 16,64
     python launch/bench_memory.py per-sample --preset paper --precision fp32 --batches 2,6 data.mode=jpg
     python launch/bench_memory.py largest --preset paper --precision fp32 --cap-gb 6 data.mode=jpg
-    python launch/bench_memory.py largest --cap-gb 6 --variant cached=train.accum_mode=cached ...
+    python launch/bench_memory.py per-sample --micro-batch 8 --batches 16,48 \
+        --variant cached=train.accum_mode=cached ...      # accumulated batches, cached_step
+    python launch/bench_memory.py largest --cap-gb 6 --micro-batch 8 --variant cached=train.accum_mode=cached ...
 """
 import os
 import sys

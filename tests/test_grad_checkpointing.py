@@ -265,3 +265,20 @@ def test_memory_benchmark_probes_jpg_steps_and_kills_a_probe_over_the_cap(tmp_pa
     args = parse_args(["largest", "--preset", "tiny", "--caption-len", "4-6"] + TINY_JPG)
     miss = probe(args, args.overrides, 2, cap_gb=0.1)  # the interpreter alone passes 0.1 GiB
     assert miss["fits"] is False and miss["error"].startswith("killed"), miss
+
+
+@pytest.mark.slow
+def test_memory_benchmark_probes_whole_accumulation_windows():
+    """--micro-batch M: a probe of batch B is B / M micro-batches per
+    optimiser step, through cached_step (train.accum_mode=cached) or
+    micro_step k times (plain), so the batch searched is the accumulated one."""
+    from launch.bench.memory import check_batch, parse_args, probe
+
+    args = parse_args(["largest", "--preset", "tiny", "--caption-len", "4-6", "--micro-batch", "2"] + TINY_JPG)
+    for mode in ("cached", "plain"):
+        row = probe(args, args.overrides + [f"train.accum_mode={mode}"], 6, cap_gb=0.0)
+        assert row["fits"] and "error" not in row, row
+        assert (row["batch"], row["micro_batch"], row["grad_accum"], row["accum_mode"]) == (6, 2, 3, mode), row
+        assert (row["optimizer_steps"], row["micro_steps"]) == (args.steps, 3 * args.steps), row
+    with pytest.raises(SystemExit, match="not a multiple of --micro-batch 2"):
+        check_batch(args, 5, "--batches")

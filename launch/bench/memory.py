@@ -28,6 +28,19 @@ from known bounds.
 Variants (``--variant NAME=key=value,key=value``, repeatable; by default
 ``plain`` and ``grad_ckpt`` = ``train.grad_checkpointing=true``) are compared
 under the same preset and overrides.
+
+Accumulation: a probe step is one optimiser step, as the trainer runs it:
+with ``train.grad_accum`` = k, k micro-batches, handed to
+``TrainStep.cached_step`` all at once under ``train.accum_mode=cached`` (the
+trainer holds the whole window), or to ``micro_step`` one after another
+(plain: each micro-batch made just before its step). ``--micro-batch M``
+fixes the micro-batch and makes every batch of the command (``--batches``,
+``--start``, ``--lo``, ``--hi``, ``--max-batch``, the table) the
+accumulated per-process batch M x k: a probe of batch B runs
+``train.batch_size=M train.grad_accum=B/M``, and ``largest`` searches over k.
+
+    python launch/bench_memory.py per-sample --preset paper --precision fp32 --micro-batch 16 --batches 32,128 \
+        --variant cached=train.accum_mode=cached data.mode=jpg
 """
 from __future__ import annotations
 
@@ -64,14 +77,21 @@ def child_main(spec: dict) -> None:
     from launch.bench.common import build_config, caption_lengths, synthetic_batch
     from user_dist import distributed as du
 
-    cfg = build_config(spec["preset"], spec["overrides"], spec["precision"], spec["batch"])
+    micro = spec.get("micro_batch", 0)
+    if micro:  # spec["batch"] is the accumulated batch: micro-batches of ``micro``, k of them per step
+        cfg = build_config(spec["preset"], list(spec["overrides"]) + [f"train.grad_accum={spec['batch'] // micro}"],
+                           spec["precision"], micro)
+    else:
+        cfg = build_config(spec["preset"], spec["overrides"], spec["precision"], spec["batch"])
     du.init_distributed(cfg.train.dist_timeout_s)
     from user_dist.train_step import TrainStep
 
     if torch.cuda.is_available() and spec["cap_gb"]:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * GIB / total))
-    out = {"batch": spec["batch"], "fits": True}
+    k = cfg.train.grad_accum
+    out = {"batch": spec["batch"], "micro_batch": cfg.train.batch_size, "grad_accum": k,
+           "accum_mode": cfg.train.accum_mode, "fits": True}
     start = time.perf_counter()
     try:
         step = TrainStep(cfg, steps_per_epoch=10 ** 6, total_steps=10 ** 6)
@@ -83,17 +103,27 @@ def child_main(spec: dict) -> None:
             out["build_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
             torch.cuda.reset_peak_memory_stats()
         lengths = caption_lengths(spec["caption_len"])
-        steps_start = time.perf_counter()
-        for i in range(spec["steps"]):
+
+        def make(seed: int) -> dict:
             regions = spec["regions"] if cfg.data.mode == "regions" else 1  # jpg: dropped below
-            batch = synthetic_batch(cfg, spec["batch"], regions, lengths, seed=i)
+            batch = synthetic_batch(cfg, cfg.train.batch_size, regions, lengths, seed=seed)
             if cfg.data.mode == "jpg":
                 del batch["regions"], batch["region_mask"]
-                batch["images"] = synthetic_images(spec["batch"], cfg.data.image_size, seed=i)
-            step.micro_step(batch)
+                batch["images"] = synthetic_images(cfg.train.batch_size, cfg.data.image_size, seed=seed)
+            return batch
+
+        steps_start = time.perf_counter()
+        for i in range(spec["steps"]):  # optimiser steps, as the trainer runs them
+            if step.cached:  # the whole window at once, as the trainer collects it
+                step.cached_step([make(i * k + j) for j in range(k)], i)
+            else:
+                for j in range(k):
+                    step.micro_step(make(i * k + j), i)
         if step.device.type == "cuda":
             torch.cuda.synchronize()
         out["seconds_per_step"] = (time.perf_counter() - steps_start) / spec["steps"]
+        # What DeepSpeed counted: whole windows of k micro-batches per optimiser step.
+        out["optimizer_steps"], out["micro_steps"] = step.engine.global_steps, step.engine.micro_steps
         if step.device.type == "cuda":
             out["step_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
             out["cuda"] = True
@@ -131,7 +161,8 @@ def probe(args, overrides: Sequence[str], batch: int, cap_gb: float) -> dict:
     """One probe in a fresh process. ``fits`` is False when it passed the cap
     (killed) or ran out of CUDA memory; ``error`` holds any other failure."""
     spec = {"preset": args.preset, "precision": args.precision, "overrides": list(overrides), "batch": batch,
-            "steps": args.steps, "regions": args.regions, "caption_len": args.caption_len, "cap_gb": cap_gb}
+            "micro_batch": args.micro_batch, "steps": args.steps, "regions": args.regions,
+            "caption_len": args.caption_len, "cap_gb": cap_gb}
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "bench_memory.py"), "--child", json.dumps(spec)]
@@ -182,13 +213,21 @@ def peak_of(row: dict, steps_only: bool = False) -> float:
 # --------------------------------------------------------------------------- per sample
 
 
+def _printed(name: str, row: dict) -> dict:
+    """Each probe as it ends: a run cut short still leaves its probes."""
+    print(f"  {name} batch {row['batch']}: {json.dumps(row)}", flush=True)
+    return row
+
+
 def per_sample(args, variants) -> List[dict]:
     """Peak at two batch sizes per variant: the slope is the memory per
     sample, the intercept what the step holds whatever the batch."""
     b1, b2 = (int(b) for b in args.batches.split(","))
+    for b in (b1, b2):
+        check_batch(args, b, "--batches")
     rows = []
     for name, extra in variants:
-        r1, r2 = (probe(args, args.overrides + extra, b, 0.0) for b in (b1, b2))
+        r1, r2 = (_printed(name, probe(args, args.overrides + extra, b, 0.0)) for b in (b1, b2))
         row = {"variant": name, "overrides": extra, "probes": [r1, r2]}
         if "error" not in r1 and "error" not in r2:
             slope = (peak_of(r2, True) - peak_of(r1, True)) / (b2 - b1)
@@ -196,7 +235,8 @@ def per_sample(args, variants) -> List[dict]:
         rows.append(row)
         print(f"  {name}: {json.dumps(row)}", flush=True)
     kind = "CUDA max allocated" if any(p.get("cuda") for r in rows for p in r["probes"]) else "peak RSS"
-    print(f"\n== peak memory per sample ({kind}; batches {b1} and {b2}, {args.steps} steps each) ==")
+    print(f"\n== peak memory per sample ({kind}; batches {b1} and {b2}{accumulated(args)}, "
+          f"{args.steps} steps each) ==")
     print(f"| variant | steps' peak @ {b1} GiB | steps' peak @ {b2} GiB | per sample MiB | fixed GiB | "
           f"process peak @ {b2} GiB | s/step @ {b2} |")
     print("|---|---|---|---|---|---|---|")
@@ -217,18 +257,26 @@ def per_sample(args, variants) -> List[dict]:
 
 
 def largest(args, variants) -> List[dict]:
-    """The largest per-process batch under ``--cap-gb`` for each variant."""
+    """The largest per-process batch under ``--cap-gb`` for each variant.
+    With ``--micro-batch M`` the search runs over k (batches M x k), the
+    bounds and the table in samples all the same."""
+    unit = args.micro_batch or 1
+    for opt in ("lo", "hi"):
+        if getattr(args, opt):
+            check_batch(args, getattr(args, opt), "--" + opt)
     rows = []
     for name, extra in variants:
         probes: List[dict] = []
-        lo, hi = args.lo, args.hi or None  # lo fits (0: none known), hi misses (None: none known)
+        # In units of the micro-batch: lo fits (0: none known), hi misses (None: none known).
+        lo, hi = args.lo // unit, (args.hi // unit) or None
 
         def run(b: int) -> Optional[bool]:
             if args.max_probes and len(probes) >= args.max_probes:
                 return None  # out of probes: resume with --lo/--hi
-            r = probe(args, args.overrides + extra, b, args.cap_gb)
+            r = probe(args, args.overrides + extra, b * unit, args.cap_gb)
             probes.append(r)
-            print(f"  {name} batch {b}: {'fits' if r['fits'] else 'miss'} "
+            what = f"batch {b * unit}" + (f" ({unit} x {b})" if args.micro_batch else "")
+            print(f"  {name} {what}: {'fits' if r['fits'] else 'miss'} "
                   f"(peak {peak_of(r):.2f} GiB, {r['wall_s']} s){'' if r['fits'] else ' ' + r['error'][:200]}",
                   flush=True)
             if not r["fits"] and not r["error"].startswith(("killed", "out of memory")):
@@ -236,8 +284,8 @@ def largest(args, variants) -> List[dict]:
             return r["fits"]
 
         failed = False
-        b = lo * 2 if lo else args.start
-        while hi is None and b <= args.max_batch:  # doubling
+        b = lo * 2 if lo else max(1, args.start // unit)
+        while hi is None and b <= args.max_batch // unit:  # doubling
             fits = run(b)
             if fits is None:
                 failed = True
@@ -266,13 +314,14 @@ def largest(args, variants) -> List[dict]:
                 lo = b
             else:
                 hi = b
-        best = next((p for p in probes if p["batch"] == lo and p["fits"]), None)
+        best = next((p for p in probes if p["batch"] == lo * unit and p["fits"]), None)
+        lo, hi = lo * unit, hi * unit if hi is not None else None  # back to samples
         if args.max_probes and len(probes) >= args.max_probes and failed:
             print(f"  {name}: out of probes; resume with --lo {lo} --hi {hi or 0}")
         rows.append({"variant": name, "overrides": extra, "largest_fit": lo, "first_miss": hi,
                      "peak_at_largest_gb": peak_of(best) if best else None,
                      "failed": failed, "probes": probes})
-    print(f"\n== largest per-process batch under {args.cap_gb:g} GiB "
+    print(f"\n== largest per-process batch{accumulated(args)} under {args.cap_gb:g} GiB "
           f"({'CUDA allocator cap' if any(p.get('cuda') for r in rows for p in r['probes']) else 'peak RSS'}"
           f", {args.steps} steps per probe) ==")
     print("| variant | overrides | largest batch that fits | smallest that did not | peak at largest GiB |")
@@ -288,6 +337,17 @@ def largest(args, variants) -> List[dict]:
 # --------------------------------------------------------------------------- command line
 
 
+def accumulated(args) -> str:
+    """The tables' note on what a batch is under --micro-batch."""
+    return f" accumulated: micro-batches of {args.micro_batch}" if args.micro_batch else ""
+
+
+def check_batch(args, batch: int, opt: str) -> None:
+    if args.micro_batch and batch % args.micro_batch:
+        raise SystemExit(f"{opt}: {batch} is not a multiple of --micro-batch {args.micro_batch} (with --micro-batch, "
+                         "batches are accumulated per-process batches: micro-batch x train.grad_accum)")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["per-sample", "largest"], nargs="?", default="per-sample")
@@ -300,6 +360,10 @@ def parse_args(argv):
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=key=value,key=value (repeatable); default: " + " and ".join(DEFAULT_VARIANTS))
     p.add_argument("--batches", default="2,8", help="per-sample: the two batch sizes")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="fix train.batch_size to this and make every batch of the command the accumulated "
+                        "per-process batch (a multiple of it, B = micro-batch x train.grad_accum): each probe "
+                        "step runs B / micro-batch micro-batches (cached_step under train.accum_mode=cached)")
     p.add_argument("--cap-gb", type=float, default=6.0, help="largest: the memory cap in GiB")
     p.add_argument("--start", type=int, default=4, help="largest: first batch probed")
     p.add_argument("--lo", type=int, default=0, help="largest: a batch known to fit (resume)")
@@ -322,6 +386,12 @@ def main(argv=None) -> int:
         child_main(json.loads(args.child))
         return 0
     variants = parse_variants(args.variant or DEFAULT_VARIANTS)
+    if args.micro_batch < 0:
+        raise SystemExit("--micro-batch: expected a positive micro-batch (0: none)")
+    if args.micro_batch and any(kv.startswith(("train.grad_accum=", "train.batch_size="))
+                                for kv in args.overrides + [kv for _, extra in variants for kv in extra]):
+        raise SystemExit("--micro-batch sets train.batch_size and train.grad_accum itself (the probed batch / "
+                         "--micro-batch): drop them from the overrides and variants")
     print(f"preset {args.preset}, precision {args.precision or 'preset'}, overrides {' '.join(args.overrides) or '-'}")
     if args.what == "per-sample":
         results: Dict[str, object] = {"per_sample": per_sample(args, variants)}
