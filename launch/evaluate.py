@@ -202,6 +202,7 @@ class CheckpointEvaluator:
         import torch
 
         scored = {}  # towers -> TowerScores, rank 0 only
+        ids = None  # the split's ids: read (and written) once for every set of towers
         for towers in self.towers:
             step, cfg, split, device = self._encode(ckpt_dir, towers)
             if split is None:
@@ -209,7 +210,9 @@ class CheckpointEvaluator:
             # Scored where the matrix is computed; only the rank vectors come back per protocol.
             sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
             results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
-            results.update(self.extended(sims, cfg, out_dir))
+            if ids is None:
+                ids = self.split_ids(cfg, out_dir)
+            results.update(self.extended(sims, cfg, ids))
             # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
             ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
             scored[towers] = TowerScores(towers, results, sims.cpu().numpy(), ranks)  # once, for the report
@@ -267,19 +270,22 @@ class CheckpointEvaluator:
                      [f"image #{k}" for k in range(first.sims.shape[0])], images,
                      examples=cfg.eval.report_examples, ranks=first.ranks, towers=first.name, more=more)
 
-
-    def extended(self, sims, cfg, out_dir: str) -> dict:
-        """{EXTENDED: ECCV Caption / CxC / PMRP metrics} per eval.extended, else {}; with eval.save_sims
-        the split's ids go to out_dir/ids.json (what --sims --ids needs)."""
+    def split_ids(self, cfg, out_dir: str):
+        """The split's ids when eval.extended or eval.save_sims needs them (else False); with
+        eval.save_sims they go to out_dir/ids.json (what --sims --ids needs)."""
         from user_dist.data_format import read_split_ids
 
         if cfg.eval.extended == "never" and not cfg.eval.save_sims:
-            return {}
+            return False
         ids = read_split_ids(self.split_dir(cfg))
         if cfg.eval.save_sims:
             os.makedirs(out_dir, exist_ok=True)
             save_ids(os.path.join(out_dir, "ids.json"), ids)
-        metrics = None if cfg.eval.extended == "never" else \
+        return ids
+
+    def extended(self, sims, cfg, ids) -> dict:
+        """{EXTENDED: ECCV Caption / CxC / PMRP metrics} per eval.extended, else {}."""
+        metrics = None if cfg.eval.extended == "never" or ids is False else \
             extended_or_note(sims, ids, cfg.eval.extended == "always", cfg.eval.pm_dir)
         return {EXTENDED: metrics} if metrics else {}
 
