@@ -151,7 +151,7 @@ class SampleEncoder:
             raise BuildError(f"sample key '{key}' must not contain '.' or '/' (WebDataset splits keys at dots)")
         if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
             raise BuildError(f"sample '{key}': {len(meta['captions'])} captions, expected {CAPTIONS_PER_IMAGE}")
-        if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"]):
+        if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"], len(meta["captions"])):
             raise BuildError(f"sample '{key}' (image {meta['image_id']!r}): caption ids {meta['caption_ids']!r} are "
                              f"not {CAPTIONS_PER_IMAGE} distinct ints or strings")
         got = sorted(set(arrays) | {"json"})

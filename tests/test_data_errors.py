@@ -61,8 +61,10 @@ def read_all(folder, tokenizer, on_error="error"):
     ({"json": None, "regions.npy": encode_npy(np.zeros((3, F + 1), np.float16))}, r"shape \(3, 9\), expected"),
     ({"json": None, "regions.npy": encode_npy(np.zeros((0, F), np.float16))}, r"shape \(0, 8\), expected"),
     ({"json": b"{not json", "regions.npy": encode_npy(np.zeros((3, F), np.float16))}, "not valid sample metadata"),
-    ({"json": encode_json({"image_id": 1, "captions": ["a"] * 4}), "regions.npy": encode_npy(np.zeros((3, F), np.float16))},
-     "must hold 5 caption strings"),
+    ({"json": encode_json({"image_id": 1, "captions": []}), "regions.npy": encode_npy(np.zeros((3, F), np.float16))},
+     "must hold a list of one or more caption strings"),
+    ({"json": encode_json({"image_id": 1, "captions": ["a", 3]}), "regions.npy": encode_npy(np.zeros((3, F), np.float16))},
+     "must hold a list of one or more caption strings"),
 ])
 def test_bad_sample_is_an_error_naming_shard_and_key(tmp_path, good, tokenizer, members, message):
     members = {k: (meta() if v is None else v) for k, v in members.items()}

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import itertools
 import logging
 import os
@@ -73,6 +72,7 @@ from user_dist.config import ConfigError, DataConfig
 from user_dist.data_format import (CAPTIONS_PER_IMAGE, ErrorPolicy, Manifest, RawSample, ShardError, ShardInfo,
                                    decode_json, decode_npy, image_id_to_int, iter_raw_samples, load_manifest,
                                    member)
+from user_dist.image_decode import decode_image
 from user_dist.tokenizer import CaptionEncoder
 
 log = logging.getLogger(__name__)
@@ -132,18 +132,12 @@ class SampleReader:
             sample.clip_text = decode_npy(raw, "clip_text.npy", f["clip_text.npy"])
         return sample
 
-    def decode_jpg(self, raw: RawSample) -> np.ndarray:
-        from PIL import Image
-
-        size = self.image_size
+    def decode_jpg(self, raw: RawSample, ext: str = "jpg") -> np.ndarray:
+        data = member(raw, ext)
         try:
-            with Image.open(io.BytesIO(member(raw, "jpg"))) as im:
-                im.draft("RGB", (size, size))  # JPEG DCT scaling: decode at >= size, much faster
-                return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
-        except ShardError:
-            raise
+            return decode_image(data, self.image_size)
         except Exception as exc:
-            raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'jpg' is not a readable image ({exc})") from exc
+            raise ShardError(f"{raw.shard}: sample '{raw.key}' member '{ext}' is not a readable image ({exc})") from exc
 
     def raw_samples(self, shard: ShardInfo) -> Iterator[RawSample]:
         """Undecoded samples of a shard; truncation and a wrong count go to the error policy."""
@@ -229,12 +223,15 @@ class Batcher:
         return batch
 
     def eval_batch(self, samples: Sequence[Sample], index: Sequence[int]) -> Dict[str, torch.Tensor]:
-        """B images -> B image rows, 5B caption rows (image k: rows 5k..5k+4), image_index (B,)."""
+        """B images -> B image rows; C = sum of caption_counts caption rows, image k's n_k captions after
+        those of images 0..k-1 (5B rows, image k at 5k..5k+4, for COCO); image_index (B,);
+        caption_counts (B,) int64."""
         batch = self.image_part(samples, None)
         batch["input_ids"], batch["attention_mask"] = self.text.encode([c for s in samples for c in s.captions])
         if samples[0].clip_text is not None:
             batch["clip_text"] = torch.from_numpy(np.concatenate([s.clip_text for s in samples]).astype(np.float32))
         batch["image_index"] = torch.tensor(list(index), dtype=torch.int64)
+        batch["caption_counts"] = torch.tensor([len(s.captions) for s in samples], dtype=torch.int64)
         return batch
 
 

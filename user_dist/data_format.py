@@ -2,12 +2,15 @@
 
 One WebDataset sample per image. Members of sample KEY (KEY has no dot):
 
-    KEY.json            {"image_id", "captions": [5 str], "caption_ids": [5 int|str], "split", "source"}
+    KEY.json            {"image_id", "captions": [n str], "caption_ids": [n int|str], "split", "source"}
     KEY.regions.npy     float16 (R, F) region features        (region shards)
     KEY.boxes.npy       float32 (R, 4) normalised x1 y1 x2 y2  (optional)
     KEY.jpg             the image bytes                        (jpg shards)
     KEY.clip_image.npy  float16 (D,)   frozen-CLIP image feature (optional)
-    KEY.clip_text.npy   float16 (5, D) frozen-CLIP caption features (optional)
+    KEY.clip_text.npy   float16 (n, D) frozen-CLIP caption features (optional)
+
+n >= 1 captions per image (5 for COCO and Flickr30K, which the COCO/F30K
+evaluation protocols require; any count for a user's own data).
 
 ``caption_ids`` (the captions' ids, e.g. COCO's annotation ids, in the
 captions' order) is optional: shards built before it existed lack it, and
@@ -33,6 +36,8 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "user-dist-shards"
+# Captions per image of the COCO / Flickr30K protocols (and of shards built
+# before the count became variable). A sample may hold any count >= 1.
 CAPTIONS_PER_IMAGE = 5
 # Members a sample may carry; 'json' is always there.
 KNOWN_MEMBERS = ("json", "regions.npy", "boxes.npy", "jpg", "clip_image.npy", "clip_text.npy")
@@ -246,19 +251,18 @@ def decode_json(raw: RawSample) -> Dict[str, Any]:
         meta["image_id"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' is not valid sample metadata ({exc!r})") from exc
-    if not isinstance(captions, list) or len(captions) != CAPTIONS_PER_IMAGE or \
-            not all(isinstance(c, str) for c in captions):
-        raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' must hold {CAPTIONS_PER_IMAGE} caption "
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' must hold a list of one or more caption "
                          f"strings, found {captions!r:.200}")
-    if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"]):
+    if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"], len(captions)):
         raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json' has caption_ids {meta['caption_ids']!r:.200}; "
-                         f"expected {CAPTIONS_PER_IMAGE} distinct ints or strings (rebuild the shard)")
+                         f"expected {len(captions)} distinct ints or strings, one per caption (rebuild the shard)")
     return meta
 
 
-def valid_caption_ids(ids: Any) -> bool:
-    """True for a list of 5 distinct ids, each an int (not a bool) or a non-empty string."""
-    return (isinstance(ids, list) and len(ids) == CAPTIONS_PER_IMAGE and len(set(map(str, ids))) == len(ids)
+def valid_caption_ids(ids: Any, count: int) -> bool:
+    """True for a list of `count` distinct ids, each an int (not a bool) or a non-empty string."""
+    return (isinstance(ids, list) and len(ids) == count and len(set(map(str, ids))) == len(ids)
             and all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, str) and i) for i in ids))
 
 
