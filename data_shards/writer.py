@@ -19,7 +19,7 @@ import numpy as np
 
 from data_shards import TOOL_VERSION
 from user_dist.atomic import AtomicFile, atomic_json, is_temporary
-from user_dist.data_format import (CAPTIONS_PER_IMAGE, FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo,
+from user_dist.data_format import (FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo,
                                    check_array, valid_caption_ids)
 
 
@@ -149,11 +149,11 @@ class SampleEncoder:
         """meta: the sample's json dict; arrays: member -> ndarray (.npy) or bytes (jpg)."""
         if "." in key or "/" in key:
             raise BuildError(f"sample key '{key}' must not contain '.' or '/' (WebDataset splits keys at dots)")
-        if len(meta["captions"]) != CAPTIONS_PER_IMAGE:
-            raise BuildError(f"sample '{key}': {len(meta['captions'])} captions, expected {CAPTIONS_PER_IMAGE}")
+        if not meta["captions"]:
+            raise BuildError(f"sample '{key}' (image {meta['image_id']!r}): no captions; every image needs at least one")
         if "caption_ids" in meta and not valid_caption_ids(meta["caption_ids"], len(meta["captions"])):
             raise BuildError(f"sample '{key}' (image {meta['image_id']!r}): caption ids {meta['caption_ids']!r} are "
-                             f"not {CAPTIONS_PER_IMAGE} distinct ints or strings")
+                             f"not {len(meta['captions'])} distinct ints or strings, one per caption")
         got = sorted(set(arrays) | {"json"})
         if got != self.members:
             raise BuildError(f"sample '{key}' has members {got}, expected {self.members}")
