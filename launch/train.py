@@ -49,13 +49,18 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def train_pairs(data: DataConfig):
-    """(image, caption) pairs of one training epoch, from the shards' manifest; None without one."""
-    from user_dist.data_format import CAPTIONS_PER_IMAGE, MANIFEST, load_manifest
+def train_pairs(data: DataConfig, strict: bool):
+    """(image, caption) pairs of one training epoch (user_dist.data.epoch_pairs). Not strict (a dry
+    run): None when the training data cannot be resolved (no shards at hand, a count missing)."""
+    from user_dist.data import epoch_pairs
+    from user_dist.data_format import ShardError
 
-    if not os.path.isfile(os.path.join(data.train_shards, MANIFEST)):
+    try:
+        return epoch_pairs(data)
+    except (ShardError, ConfigError, OSError):
+        if strict:
+            raise
         return None
-    return CAPTIONS_PER_IMAGE * load_manifest(data.train_shards).num_samples
 
 
 def main(argv=None) -> int:
@@ -73,12 +78,12 @@ def main(argv=None) -> int:
         world = args.world_size or discover().world_size
         if world < 1:
             raise ConfigError(f"--world-size must be at least 1, got {world}")
-        plan = RunPlan.make(cfg, world, args.train_pairs or train_pairs(cfg.data))
+        plan = RunPlan.make(cfg, world, args.train_pairs or train_pairs(cfg.data, strict=not dry))
         if not dry:
             from user_dist.data import check_model_fits
 
             check_model_fits(cfg.data, cfg.model)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:

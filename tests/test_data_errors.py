@@ -101,7 +101,7 @@ def truncated_copy(tmp_path, good, keep_bytes):
 @pytest.mark.parametrize("cut", [lambda d: len(d) // 2, lambda d: 512 * 9])
 def test_truncated_shard_is_an_error_naming_the_shard(tmp_path, good, tokenizer, cut):
     folder = truncated_copy(tmp_path, good, cut)
-    with pytest.raises(ShardError, match="synthetic-test-00001.tar: truncated or corrupt tar after sample"):
+    with pytest.raises(ShardError, match="synthetic-test-00001.tar: truncated, corrupt or unreadable tar after sample"):
         read_all(folder, tokenizer)
 
 
@@ -132,7 +132,7 @@ def test_training_stream_skips_bad_samples_and_keeps_its_length(tmp_path, good, 
 
 
 def test_missing_manifest_says_how_to_build_shards(tmp_path, tokenizer):
-    with pytest.raises(ShardError, match="no manifest.json here; build the shards with `python -m data_shards"):
+    with pytest.raises(ShardError, match="a folder with no manifest.json; build shards with `python -m data_shards"):
         eval_loader(str(tmp_path), DataConfig(), tokenizer, 4)
 
 

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -140,13 +141,43 @@ PROTOCOLS = ("coco5k", "coco1k", "f30k", "generic")
 
 
 @dataclass
+class SourceConfig:
+    """One training source of data.train_sources."""
+
+    shards: str = opt("", "a shard folder (manifest.json) or tars in the img2dataset layout: a brace pattern, a "
+                      "URL (http(s)://, s3://, gs://, pipe:COMMAND), several joined by '::'")
+    weight: float = opt(1.0, "share of the samples drawn from this source, relative to the others "
+                        "(data.resampled=true; without resampling every weight must be 1)", gt=0)
+    num_samples: int = opt(0, "samples in this source when neither a manifest nor img2dataset *_stats.json files "
+                           "give the count (0: read them from there)", ge=0)
+    name: str = opt("", "name in logs and in the image-id namespace (default: source0, source1, ...)")
+
+
+@dataclass
 class DataConfig:
     """Where the WebDataset shards are and how they are read."""
 
     train_shards: str = opt("data/synthetic/shards/regions/train",
-                            "training split: a folder holding a manifest.json and the split's shards")
+                            "training split: a folder holding a manifest.json and the split's shards, or tars "
+                            "in the img2dataset layout (jpg/jpeg/png/webp + txt [+ json]): a brace pattern, a "
+                            "URL (http(s)://, s3://, gs://, pipe:COMMAND), several joined by '::' "
+                            "(docs/data.md, 'Training on web-scale data')")
+    train_sources: List[SourceConfig] = opt(
+        [], "several training sources, each {shards, weight, num_samples, name}; when given, data.train_shards "
+        "is not read. Image ids are namespaced by source, so equal keys of two sources never mask each other")
+    train_num_samples: int = opt(
+        0, "samples in data.train_shards when neither a manifest nor img2dataset *_stats.json files give the "
+        "count; with data.resampled: the samples of one epoch (default: all sources' samples)", ge=0)
+    resampled: bool = opt(
+        False, "draw shards with replacement (weighted by source, each drawn shard giving one caption of each "
+        "image), open_clip's --dataset-resampled: an epoch is data.train_num_samples samples, not a pass over "
+        "the data")
+    io_timeout_s: float = opt(60.0, "seconds a remote shard read may wait for data before it fails", gt=0)
+    io_retries: int = opt(3, "extra tries to open an http(s) shard after a connection error or HTTP 429/5xx "
+                          "(a shard cut off mid-way is not retried: data.on_error decides)", ge=0)
     val_shards: str = opt("data/synthetic/shards/regions/val",
-                          "validation split (rsum at epoch ends, best checkpoint), laid out like train_shards")
+                          "validation split (rsum at epoch ends, best checkpoint), laid out like train_shards "
+                          "(web shards without stats files are counted by reading them)")
     test_shards: str = opt("data/synthetic/shards/regions/test",
                            "test split read by the evaluation job, laid out like train_shards")
     mode: str = opt("regions", "input mode: 'regions' (precomputed region features) or 'jpg' (raw images)",
@@ -478,6 +509,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         key = item.split("=", 1)[0]
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command line '{item}': the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                              "quote strings holding braces or colons, e.g. shards: 'web/{00000..00009}.tar'") from exc
         except OmegaConfBaseException as exc:
             if getattr(exc, "full_key", None) in (None, ""):
                 exc.full_key = key  # type: ignore[attr-defined]
@@ -545,12 +579,33 @@ def validate(cfg: Config, sources: Optional[dict] = None, check_paths: bool = Fa
         fail("train.resume", f"points to '{t.resume}', which does not exist; use '', 'auto' or a checkpoint path")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         fail("train.deepspeed_config", f"points to '{t.deepspeed_config}', which does not exist")
+    d = cfg.data
+    for i, src in enumerate(d.train_sources):
+        key = f"data.train_sources.{i}"
+        if not src.shards:
+            fail("data.train_sources", f"entry {i} has no shards; give each source a folder, pattern or URL")
+        for name, f, value in iter_fields(src):
+            problem = _violation(value, f.metadata)
+            if problem:
+                fail("data.train_sources", f"entry {i}: '{name}' {problem}")
+        if src.weight != 1.0 and not d.resampled:
+            fail("data.train_sources", f"entry {i} ({src.shards}) has weight {src.weight}, but weights need "
+                 "data.resampled=true (without resampling an epoch reads every source once); set "
+                 "data.resampled=true or every weight to 1")
+    names = [src.name for src in d.train_sources if src.name]
+    if len(set(names)) != len(names):
+        fail("data.train_sources", f"names {names} repeat; give each source its own name")
     if check_paths:
-        for key in ("train_shards", "val_shards"):
-            folder = getattr(cfg.data, key)
-            if not os.path.isfile(os.path.join(folder, "manifest.json")):
-                fail(f"data.{key}", f"points to '{folder}', which holds no manifest.json; build shards with "
-                     "`python -m data_shards ...` (docs/data.md) or fix the path")
+        from .data_format import ShardError
+        from .sources import check_location
+
+        locations = [(f"data.train_sources.{i}.shards", src.shards) for i, src in enumerate(d.train_sources)] \
+            or [("data.train_shards", d.train_shards)]
+        for key, spec in [*locations, ("data.val_shards", d.val_shards)]:
+            try:
+                check_location(spec, key)
+            except ShardError as exc:
+                fail(key, str(exc).removeprefix(f"{key} "))
 
 
 def to_yaml(cfg: Config) -> str:

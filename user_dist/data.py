@@ -62,16 +62,17 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from user_dist.config import ConfigError, DataConfig
-from user_dist.data_format import (CAPTIONS_PER_IMAGE, ErrorPolicy, Manifest, RawSample, ShardError, ShardInfo,
-                                   decode_json, decode_npy, image_id_to_int, iter_raw_samples, load_manifest,
-                                   member)
+from user_dist.data_format import (ErrorPolicy, Manifest, RawSample, ShardError, decode_json, decode_npy,
+                                   image_id_to_int, iter_raw_samples, member)
+from user_dist.sources import Shard, Split, describe, is_manifest_folder, open_split
+from user_dist.web_shards import image_member, web_metadata
 from user_dist.image_decode import decode_image
 from user_dist.tokenizer import CaptionEncoder
 
@@ -99,37 +100,54 @@ class Sample:
 
 
 class SampleReader:
-    """Decodes one split's samples in the configured mode, applying the error policy."""
+    """Decodes one location's samples in the configured mode, applying the error policy.
 
-    def __init__(self, manifest: Manifest, data_cfg: DataConfig):
+    split: what the location holds (user_dist/sources.py); a Manifest is taken as its folder's Split.
+    namespace: prefixed to image ids before they become ints (several training sources), so that
+    equal keys of two sources are two images.
+    """
+
+    def __init__(self, split: Union[Split, Manifest], data_cfg: DataConfig, namespace: str = ""):
+        if isinstance(split, Manifest):
+            split = open_split(split.folder, "the shard folder")
         need = "regions.npy" if data_cfg.mode == "regions" else "jpg"
-        if not manifest.has(need):
-            raise ShardError(f"{manifest.folder}: data.mode={data_cfg.mode} needs '{need}' members but these "
-                             f"shards hold {', '.join(manifest.members)}; point the config at the other shard "
-                             "folder or change data.mode")
-        self.manifest, self.mode, self.image_size = manifest, data_cfg.mode, data_cfg.image_size
-        self.clip = manifest.has("clip_image.npy")
+        if not split.has(need):
+            what = "web shards hold images and captions only (no region features)" if split.layout == "web" else \
+                f"these shards hold {', '.join(split.members)}"
+            raise ShardError(f"{split.spec}: data.mode={data_cfg.mode} needs '{need}' members but {what}; point "
+                             "the config at the other shards or change data.mode")
+        self.split, self.manifest = split, split.manifest
+        self.mode, self.image_size, self.namespace = data_cfg.mode, data_cfg.image_size, namespace
+        self.clip = split.has("clip_image.npy")
+        self.timeout, self.retries = data_cfg.io_timeout_s, data_cfg.io_retries
         self.policy = ErrorPolicy(data_cfg.on_error)
 
     def decode_metadata(self, raw: RawSample) -> Sample:
-        """The sample's key, image id and captions (its JSON), no features."""
-        meta = decode_json(raw)
+        """The sample's key, image id and captions (its JSON, or a web sample's txt and json), no features."""
+        if self.split.layout == "web":
+            image_id, captions = web_metadata(raw)
+        else:
+            meta = decode_json(raw)
+            image_id, captions = meta["image_id"], meta["captions"]
         try:
-            image_id = image_id_to_int(meta["image_id"])
+            image_int = image_id_to_int(f"{self.namespace}/{image_id}" if self.namespace else image_id)
         except TypeError as exc:
             raise ShardError(f"{raw.shard}: sample '{raw.key}' member 'json': {exc}") from exc
-        return Sample(raw.key, image_id, meta["captions"])
+        return Sample(raw.key, image_int, captions)
 
     def decode(self, raw: RawSample) -> Sample:
         sample = self.decode_metadata(raw)
-        f = self.manifest.features
+        f = self.split.features
         if self.mode == "regions":
             sample.regions = decode_npy(raw, "regions.npy", f["regions.npy"])
         else:
-            sample.image = self.decode_jpg(raw)
+            sample.image = self.decode_jpg(raw, image_member(raw) if self.split.layout == "web" else "jpg")
         if self.clip:
             sample.clip_image = decode_npy(raw, "clip_image.npy", f["clip_image.npy"])
             sample.clip_text = decode_npy(raw, "clip_text.npy", f["clip_text.npy"])
+            if len(sample.clip_text) != len(sample.captions):
+                raise ShardError(f"{raw.shard}: sample '{raw.key}' has {len(sample.clip_text)} CLIP caption "
+                                 f"features for {len(sample.captions)} captions; rebuild its CLIP features")
         return sample
 
     def decode_jpg(self, raw: RawSample, ext: str = "jpg") -> np.ndarray:
@@ -139,22 +157,24 @@ class SampleReader:
         except Exception as exc:
             raise ShardError(f"{raw.shard}: sample '{raw.key}' member '{ext}' is not a readable image ({exc})") from exc
 
-    def raw_samples(self, shard: ShardInfo) -> Iterator[RawSample]:
-        """Undecoded samples of a shard; truncation and a wrong count go to the error policy."""
-        path = self.manifest.shard_path(shard)
+    def raw_samples(self, shard: Shard) -> Iterator[RawSample]:
+        """Undecoded samples of a shard; truncation, a failed read and a wrong count go to the error policy
+        (a count the config only estimated is not checked)."""
         count = 0
         try:
-            for raw in iter_raw_samples(path):
+            for raw in iter_raw_samples(shard.url, self.timeout, self.retries):
                 count += 1
                 yield raw
         except ShardError as exc:
             self.policy(exc)
             return
-        if count != shard.num_samples:
-            self.policy(ShardError(f"{path}: {count} samples, but {self.manifest.folder}/manifest.json says "
-                                   f"{shard.num_samples}; the shard is truncated or the manifest is stale"))
+        if count != shard.num_samples and self.split.counted != "config":
+            where = {"manifest": f"{self.split.spec}/manifest.json", "stats": "its img2dataset stats file",
+                     "read": "an earlier read"}[self.split.counted]
+            self.policy(ShardError(f"{shard.url}: {count} samples, but {where} says {shard.num_samples}; the shard "
+                                   "is truncated or the count is stale"))
 
-    def samples(self, shard: ShardInfo) -> Iterator[Sample]:
+    def samples(self, shard: Shard) -> Iterator[Sample]:
         for raw in self.raw_samples(shard):
             try:
                 sample = self.decode(raw)
@@ -162,6 +182,20 @@ class SampleReader:
                 self.policy(exc)
                 continue
             yield sample
+
+
+class SourceReaders:
+    """The readers of several training sources; a shard is read by its source's (``shard.source``)."""
+
+    def __init__(self, readers: Sequence[SampleReader]):
+        self.readers = list(readers)
+
+    def samples(self, shard: Shard) -> Iterator[Sample]:
+        return self.readers[shard.source].samples(shard)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.policy.skipped for r in self.readers)
 
 
 # --------------------------------------------------------------------------- batches
@@ -326,9 +360,13 @@ def _worker_id() -> int:
 
 @dataclass
 class TrainPlan:
-    """Which shards and batches each loader worker of one rank handles in one epoch."""
+    """Which shards and batches each loader worker of one rank handles in one epoch.
 
-    worker_shards: List[List[ShardInfo]]
+    With ``draws`` (data.resampled) every worker draws shards with replacement from all sources
+    instead of reading its own share of them (:meth:`resampled_pairs`).
+    """
+
+    worker_shards: List[List[Shard]]
     schedule: List[int]  # worker of global batch g
     batch_size: int
     start_step: int
@@ -337,9 +375,13 @@ class TrainPlan:
     rank: int
     shuffle_buffer: int
     caption_order: str  # data.caption_order
+    draws: Optional["ShardDraws"] = None
 
     def pairs(self, worker: int, reader: SampleReader) -> Iterator[Tuple[Sample, int]]:
         """The worker's shuffled (sample, caption) pairs; starts its shards again when they run out."""
+        if self.draws is not None:
+            yield from self.resampled_pairs(worker, reader)
+            return
         for repeat in itertools.count():
             tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}:{repeat}"
             if self.caption_order == "grouped":
@@ -355,6 +397,13 @@ class TrainPlan:
                 raise ShardError(f"no readable sample in {[s.name for s in self.worker_shards[worker]]} (all "
                                  "skipped as bad); rebuild these shards")
 
+    def resampled_pairs(self, worker: int, reader: SampleReader) -> Iterator[Tuple[Sample, int]]:
+        """data.resampled: shard draws seeded by (seed, epoch, rank, worker), each drawn shard giving one
+        caption of each of its images (drawn per draw and key), through one shuffle buffer."""
+        assert self.draws is not None
+        tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
+        yield from shuffle_buffer(self.draws.pairs(reader, tag), self.shuffle_buffer, random.Random(f"buffer:{tag}"))
+
     def chunks(self, worker: int, reader: SampleReader) -> Iterator[Tuple[int, List[Tuple[Sample, int]]]]:
         """(g, the pairs of batch g) for each batch g of the worker, from batch 0 on."""
         pairs = self.pairs(worker, reader)
@@ -369,27 +418,62 @@ class TrainPlan:
             yield g, batcher.train_batch(chunk, rng)
 
 
+@dataclass
+class ShardDraws:
+    """Shards drawn with replacement (data.resampled). A shard of source s is drawn with probability
+    proportional to weight_s / samples_s, so that source s gives a share weight_s / sum(weights) of
+    the samples whatever its size or shard count."""
+
+    shards: List[Shard]
+    cum_weights: List[float]
+
+    @classmethod
+    def make(cls, sources: Sequence["TrainSource"]) -> "ShardDraws":
+        shards, weights = [], []
+        for src in sources:
+            for shard in src.split.shards:
+                shards.append(shard)
+                weights.append(src.weight / src.split.num_samples)
+        return cls(shards, list(itertools.accumulate(weights)))
+
+    def pairs(self, reader: SampleReader, tag: str) -> Iterator[Tuple[Sample, int]]:
+        rng = random.Random(f"draw:{tag}")
+        empty = 0
+        for d in itertools.count():
+            shard = rng.choices(self.shards, cum_weights=self.cum_weights)[0]
+            got = 0
+            for sample in reader.samples(shard):
+                got += 1
+                n = len(sample.captions)
+                yield sample, (0 if n == 1 else caption_permutation(f"{tag}:{d}:{sample.key}", n)[0])
+            empty = 0 if got else empty + 1
+            if empty >= max(16, len(self.shards)):  # every shard bad: stop instead of drawing forever
+                raise ShardError(f"{empty} shard draws in a row gave no readable sample (the last: {shard.url}); "
+                                 "check the sources (data.on_error=skip skipped them all)")
+
+
 Pass = Tuple[Iterator[Tuple[Sample, int]], random.Random]  # a pass's pairs and its shuffle buffer's generator
 
 
-def grouped_pass(shards: Sequence[ShardInfo], reader: SampleReader, tag: str, repeat: int) -> Iterator[Pass]:
-    """data.caption_order=grouped (the order of earlier versions): one pass, each image followed by its 5 pairs."""
+def grouped_pass(shards: Sequence[Shard], reader: SampleReader, tag: str, repeat: int) -> Iterator[Pass]:
+    """data.caption_order=grouped (the order of earlier versions): one pass, each image followed by its pairs."""
     shards = list(shards)
     if repeat:
         random.Random(f"reshuffle:{tag}").shuffle(shards)
-    yield ((s, c) for shard in shards for s in reader.samples(shard) for c in range(CAPTIONS_PER_IMAGE)), \
+    yield ((s, c) for shard in shards for s in reader.samples(shard) for c in range(len(s.captions))), \
         random.Random(f"buffer:{tag}")
 
 
-def spread_passes(shards: Sequence[ShardInfo], reader: SampleReader, tag: str, caption_seed: str) -> Iterator[Pass]:
-    """data.caption_order=spread: pass k reads the shards in its own order and emits caption perm[k] of
-    each image, perm a permutation of the image's captions seeded by (caption_seed, key). Pass k+1
-    shuffles the shards within each half of pass k's order, so the shards read last in one pass are
-    read late in the next: while the buffer holds less than half a pass, no image has pairs on both
-    sides of a pass boundary."""
+def spread_passes(shards: Sequence[Shard], reader: SampleReader, tag: str, caption_seed: str) -> Iterator[Pass]:
+    """data.caption_order=spread: one pass per caption of the shards' most-captioned image; pass k reads
+    the shards in its own order and emits caption perm[k] of each image that has more than k captions,
+    perm a permutation of the image's captions seeded by (caption_seed, key). Pass k+1 shuffles the
+    shards within each half of pass k's order, so the shards read last in one pass are read late in
+    the next: while the buffer holds less than half a pass, no image has pairs on both sides of a
+    pass boundary."""
     order = list(shards)
     random.Random(f"pass:{tag}:0").shuffle(order)
-    for k in range(CAPTIONS_PER_IMAGE):
+    for k in range(max(s.max_captions for s in shards)):
         if k:
             rng = random.Random(f"pass:{tag}:{k}")
             first, second = order[:len(order) // 2], order[len(order) // 2:]
@@ -399,7 +483,7 @@ def spread_passes(shards: Sequence[ShardInfo], reader: SampleReader, tag: str, c
         yield _one_caption_each(order, reader, k, caption_seed), random.Random(f"buffer:{tag}:{k}")
 
 
-def _one_caption_each(shards: List[ShardInfo], reader: SampleReader, k: int,
+def _one_caption_each(shards: List[Shard], reader: SampleReader, k: int,
                       caption_seed: str) -> Iterator[Tuple[Sample, int]]:
     for shard in shards:
         for sample in reader.samples(shard):
@@ -462,9 +546,64 @@ class TrainStream:
                 yield np.array([(sample.image_id, c) for sample, c in chunk], dtype=np.int64)
 
 
-def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
-    """An epoch = every caption once: floor(5 * images / (world_size * batch_size))."""
-    return CAPTIONS_PER_IMAGE * num_images // (world_size * batch_size)
+def steps_per_epoch(num_pairs: int, batch_size: int, world_size: int) -> int:
+    """An epoch = every caption once: floor(pairs / (world_size * batch_size)); resampled, pairs = the
+    epoch's samples."""
+    return num_pairs // (world_size * batch_size)
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One training source: its shards, its weight and the namespace of its image ids."""
+
+    split: Split
+    weight: float
+    namespace: str
+
+
+_SPLITS: Dict[Tuple[Any, ...], Split] = {}
+
+
+def cached_split(spec: str, key: str, data_cfg: DataConfig, **kw: Any) -> Split:
+    """open_split, once per process for the same arguments: a web location's stats files are read
+    at the first epoch, not at every one."""
+    args = (spec, key, data_cfg.io_timeout_s, data_cfg.io_retries, tuple(sorted(kw.items())))
+    if args not in _SPLITS:
+        _SPLITS[args] = open_split(spec, key, timeout=data_cfg.io_timeout_s, retries=data_cfg.io_retries, **kw)
+        log.info("%s", describe(_SPLITS[args]))
+    return _SPLITS[args]
+
+
+def train_sources(data_cfg: DataConfig) -> List[TrainSource]:
+    """The training sources of a config: data.train_sources, else data.train_shards as one source.
+
+    Raises:
+        ShardError: a location that cannot be resolved (user_dist/sources.py).
+        ConfigError: data.train_num_samples given for a manifest folder without data.resampled.
+    """
+    if data_cfg.train_sources:
+        several = len(data_cfg.train_sources) > 1
+        return [TrainSource(cached_split(src.shards, f"data.train_sources.{i}.shards", data_cfg,
+                                         num_samples=src.num_samples, source=i),
+                            src.weight, (src.name or f"source{i}") if several else "")
+                for i, src in enumerate(data_cfg.train_sources)]
+    spec, count = data_cfg.train_shards, data_cfg.train_num_samples
+    if count and is_manifest_folder(spec):
+        if not data_cfg.resampled:
+            raise ConfigError(f"data.train_num_samples={count} with data.train_shards '{spec}', a folder whose "
+                              "manifest gives its sample count: remove it (to train fewer steps set "
+                              "train.max_steps) or set data.resampled=true to make it the epoch's size")
+        count = 0  # resampled: the epoch's size, read in train_loader
+    return [TrainSource(cached_split(spec, "data.train_shards", data_cfg, num_samples=count), 1.0, "")]
+
+
+def epoch_pairs(data_cfg: DataConfig, sources: Optional[Sequence[TrainSource]] = None) -> int:
+    """(image, caption) pairs of one training epoch: every caption of every source once, or with
+    data.resampled data.train_num_samples (default: all sources' samples)."""
+    sources = train_sources(data_cfg) if sources is None else sources
+    if data_cfg.resampled:
+        return data_cfg.train_num_samples or sum(src.split.num_samples for src in sources)
+    return sum(src.split.num_pairs for src in sources)
 
 
 def train_loader(data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int, world_size: int, epoch: int,
@@ -472,35 +611,51 @@ def train_loader(data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int,
     """The training stream of `epoch` on `rank` (module docstring), from batch `start_step` on.
 
     Raises:
-        ConfigError: fewer shards than world_size x workers, or fewer pairs than one global batch.
-        ShardError: missing/invalid manifest, or shards without the members data.mode needs.
+        ConfigError: fewer shards than world_size x workers (without resampling), or fewer pairs than
+            one global batch.
+        ShardError: a missing/invalid manifest or location, or shards without the members data.mode needs.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer exists
-    manifest = load_manifest(data_cfg.train_shards)
-    reader = SampleReader(manifest, data_cfg)
+    sources = train_sources(data_cfg)
+    readers = SourceReaders([SampleReader(src.split, data_cfg, src.namespace) for src in sources])
+    reader: Any = readers.readers[0] if len(sources) == 1 else readers
     workers = max(1, data_cfg.num_workers)
-    shards = list(manifest.shards)
-    if len(shards) < world_size * workers:
-        raise ConfigError(f"data.train_shards '{manifest.folder}' has {len(shards)} shards, fewer than "
-                          f"world_size x data.num_workers = {world_size} x {workers} = {world_size * workers}; "
-                          "rebuild with a smaller --shard-size or lower data.num_workers")
-    steps = steps_per_epoch(manifest.num_samples, batch_size, world_size)
+    where = " + ".join(src.split.spec for src in sources)
+    pairs = epoch_pairs(data_cfg, sources)
+    steps = steps_per_epoch(pairs, batch_size, world_size)
     if steps == 0:
-        raise ConfigError(f"data.train_shards '{manifest.folder}' has {CAPTIONS_PER_IMAGE * manifest.num_samples} "
-                          f"pairs, fewer than one global batch ({world_size} x {batch_size})")
+        raise ConfigError(f"the training data '{where}' has {pairs} pairs per epoch, fewer than one global batch "
+                          f"({world_size} x {batch_size})")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside the epoch's 0..{steps} steps")
-    random.Random(f"shards:{seed}:{epoch}").shuffle(shards)  # same order on every rank
-    mine = shards[rank::world_size]
-    worker_shards = [mine[w::workers] for w in range(workers)]
-    counts = share(steps, [sum(s.num_samples for s in ws) for ws in worker_shards])
+    if data_cfg.resampled:
+        draws = ShardDraws.make(sources)
+        worker_shards = [draws.shards] * workers
+        counts = share(steps, [1] * workers)
+    else:
+        draws = None
+        shards = [shard for src in sources for shard in src.split.shards]
+        if len(shards) < world_size * workers:
+            raise ConfigError(f"the training data '{where}' has {len(shards)} shards, fewer than world_size x "
+                              f"data.num_workers = {world_size} x {workers} = {world_size * workers}; rebuild with "
+                              "a smaller --shard-size, lower data.num_workers or set data.resampled=true")
+        random.Random(f"shards:{seed}:{epoch}").shuffle(shards)  # same order on every rank
+        mine = shards[rank::world_size]
+        worker_shards = [mine[w::workers] for w in range(workers)]
+        counts = share(steps, [sum(s.num_pairs for s in ws) for ws in worker_shards])
     plan = TrainPlan(worker_shards, round_robin(counts), batch_size, start_step, seed, epoch, rank,
-                     data_cfg.shuffle_buffer, data_cfg.caption_order)
+                     data_cfg.shuffle_buffer, data_cfg.caption_order, draws)
+    if data_cfg.train_sources:
+        digest = hashlib.sha256("\n".join(f"{s.split.spec} {s.weight} {s.namespace} {s.split.fingerprint()}"
+                                          for s in sources).encode()).hexdigest()
+    else:
+        digest = sources[0].split.fingerprint()  # as checkpoints written before sources existed recorded it
     fingerprint = {"seed": seed, "world_size": world_size, "batch_size": batch_size, "num_workers": workers,
-                   "shuffle_buffer": data_cfg.shuffle_buffer, "mode": data_cfg.mode,
-                   "shards": hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()}
+                   "shuffle_buffer": data_cfg.shuffle_buffer, "mode": data_cfg.mode, "shards": digest}
     if data_cfg.caption_order != "grouped":  # absent: the order of checkpoints written before the switch
         fingerprint["caption_order"] = data_cfg.caption_order
+    if data_cfg.resampled:
+        fingerprint["resampled_epoch"] = pairs
     return TrainStream(_TrainWorkers(plan, reader, Batcher(data_cfg, tokenizer, train=True)),
                        data_cfg.num_workers, steps, fingerprint)
 
@@ -513,7 +668,7 @@ class _Cursor:
 
     def __init__(self, reader: SampleReader):
         self.reader = reader
-        self.starts = list(itertools.accumulate([s.num_samples for s in reader.manifest.shards], initial=0))
+        self.starts = list(itertools.accumulate([s.num_samples for s in reader.split.shards], initial=0))
         self.shard, self.index = -1, 0  # self.raws yields the raw sample of source index self.index next
         self.raws: Iterator[RawSample] = iter(())
 
@@ -522,7 +677,7 @@ class _Cursor:
         shard = bisect.bisect_right(self.starts, i) - 1
         if shard != self.shard or i < self.index:
             self.shard, self.index = shard, self.starts[shard]
-            self.raws = self.reader.raw_samples(self.reader.manifest.shards[shard])
+            self.raws = self.reader.raw_samples(self.reader.split.shards[shard])
         while self.index < i:  # samples of other ranks/workers: read past, never decoded
             next(self.raws, None)
             self.index += 1
@@ -573,20 +728,27 @@ class EvalStream:
         return in_order(_loader(self.dataset, self.num_workers), 0, len(self.dataset.ranges))
 
 
-def num_images(shard_dir: str) -> int:
-    """Images in a split, from its manifest."""
-    return load_manifest(shard_dir).num_samples
+def eval_split(spec: str, data_cfg: DataConfig, key: str = "the evaluation split") -> Split:
+    """An evaluation location as a Split with exact per-shard counts (web shards without stats files
+    are counted by reading them, once per process)."""
+    return cached_split(spec, key, data_cfg, count="read")
+
+
+def num_images(spec: str, data_cfg: Optional[DataConfig] = None) -> int:
+    """Images in an evaluation split."""
+    return eval_split(spec, data_cfg or DataConfig()).num_samples
 
 
 def eval_loader(shard_dir: str, data_cfg: DataConfig, tokenizer, batch_size: int, *, rank: int = 0,
                 world_size: int = 1) -> EvalStream:
-    """Ordered batches of B images + 5B captions; every image once across ranks and workers, no augmentation."""
+    """Ordered batches of B images and their captions (Batcher.eval_batch); every image once across ranks
+    and workers, no augmentation. ``shard_dir``: any location (user_dist/sources.py)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    manifest = load_manifest(shard_dir)
-    reader = SampleReader(manifest, data_cfg)
-    n = manifest.num_samples
+    split = eval_split(shard_dir, data_cfg)
+    reader = SampleReader(split, data_cfg)
+    n = split.num_samples
     start, stop = rank * n // world_size, (rank + 1) * n // world_size
     ranges = [(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size)]
     workers = max(1, min(data_cfg.num_workers, len(ranges)))
@@ -595,29 +757,32 @@ def eval_loader(shard_dir: str, data_cfg: DataConfig, tokenizer, batch_size: int
 
 
 def check_model_fits(data_cfg: DataConfig, model_cfg) -> None:
-    """Fail at start-up when the shards' feature sizes disagree with the model config.
+    """Fail at start-up when the shards' members or feature sizes disagree with the config.
 
     Raises:
-        ConfigError: naming the config key, the manifest and both sizes.
+        ConfigError: naming the config key, the location and both sizes.
     """
-    for key in ("train_shards", "val_shards"):
-        manifest = load_manifest(getattr(data_cfg, key))
+    locations = [(src.split, f"data.train_sources.{i}" if data_cfg.train_sources else "data.train_shards")
+                 for i, src in enumerate(train_sources(data_cfg))]
+    locations.append((eval_split(data_cfg.val_shards, data_cfg, "data.val_shards"), "data.val_shards"))
+    for split, key in locations:
+        where = split.spec
         if data_cfg.mode == "regions":
-            if not manifest.has("regions.npy"):
-                raise ConfigError(f"data.{key} '{manifest.folder}' holds no regions.npy (members: "
-                                  f"{', '.join(manifest.members)}); use data.mode=jpg or region shards")
-            dim = manifest.feature_dim("regions.npy")
+            if not split.has("regions.npy"):
+                raise ConfigError(f"{key} '{where}' holds no regions.npy (members: "
+                                  f"{', '.join(split.members)}); use data.mode=jpg or region shards")
+            dim = split.feature_dim("regions.npy")
             if dim != model_cfg.region_dim:
                 raise ConfigError(f"model.region_dim is {model_cfg.region_dim} but the regions in "
-                                  f"{manifest.folder}/manifest.json have {dim} features; set model.region_dim={dim}")
-        elif not manifest.has("jpg"):
-            raise ConfigError(f"data.{key} '{manifest.folder}' holds no jpg images; use data.mode=regions")
+                                  f"{where}/manifest.json have {dim} features; set model.region_dim={dim}")
+        elif not split.has("jpg"):
+            raise ConfigError(f"{key} '{where}' holds no jpg images; use data.mode=regions")
         if model_cfg.gse.kind in ("cge", "both") and model_cfg.gse.clip_source == "shards":
-            if not manifest.has("clip_image.npy"):
+            if not split.has("clip_image.npy"):
                 raise ConfigError(f"model.gse.kind={model_cfg.gse.kind} reads CLIP features from the shards, but "
-                                  f"{manifest.folder} has no clip_image.npy; add them with `python -m data_shards "
+                                  f"{where} has no clip_image.npy; add them with `python -m data_shards "
                                   "clip` or set model.gse.clip_source=online")
-            dim = manifest.feature_dim("clip_image.npy")
+            dim = split.feature_dim("clip_image.npy")
             if dim != model_cfg.gse.clip_dim:
-                raise ConfigError(f"model.gse.clip_dim is {model_cfg.gse.clip_dim} but {manifest.folder} holds "
+                raise ConfigError(f"model.gse.clip_dim is {model_cfg.gse.clip_dim} but {where} holds "
                                   f"{dim}-d CLIP features; set model.gse.clip_dim={dim}")

@@ -55,6 +55,14 @@ class ShardInfo:
     num_samples: int
     sha256: str
     bytes: int
+    # Captions in the shard and the most of one sample; manifests written before
+    # the count became variable hold exactly 5 per sample.
+    num_captions: int = -1
+    max_captions: int = CAPTIONS_PER_IMAGE
+
+    def __post_init__(self):
+        if self.num_captions < 0:
+            object.__setattr__(self, "num_captions", CAPTIONS_PER_IMAGE * self.num_samples)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class Manifest:
     @property
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_captions(self) -> int:
+        return sum(s.num_captions for s in self.shards)
 
     def shard_path(self, shard: ShardInfo) -> str:
         return os.path.join(self.folder, shard.name)
@@ -97,7 +109,8 @@ def load_manifest(folder: str) -> Manifest:
             raw = json.load(f)
         if raw.get("format") != FORMAT:
             raise KeyError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
-        shards = tuple(ShardInfo(s["name"], int(s["num_samples"]), s["sha256"], int(s["bytes"]))
+        shards = tuple(ShardInfo(s["name"], int(s["num_samples"]), s["sha256"], int(s["bytes"]),
+                                 int(s.get("num_captions", -1)), int(s.get("max_captions", CAPTIONS_PER_IMAGE)))
                        for s in raw["shards"])
         manifest = Manifest(folder=folder, split=raw["split"], source=raw["source"],
                             members=tuple(raw["members"]), features=dict(raw["features"]), shards=shards,
@@ -155,6 +168,22 @@ def _octal(field: bytes) -> int:
     return int(field.rstrip(b" \0") or b"0", 8)
 
 
+def _read_full(f: BinaryIO, n: int) -> bytes:
+    """n bytes, or fewer only at the end of the stream (a socket or pipe may return less per read)."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def iter_tar_members(f: BinaryIO, want: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, bytes]]:
     """(name, bytes) of the regular files of a tar stream, in order.
 
@@ -168,7 +197,7 @@ def iter_tar_members(f: BinaryIO, want: Optional[Callable[[str], bool]] = None) 
     """
     long_name: Optional[bytes] = None
     while True:
-        header = f.read(_BLOCK)
+        header = _read_full(f, _BLOCK)
         if len(header) < _BLOCK:
             raise tarfile.ReadError("the file ends without the end-of-archive marker (truncated)")
         if header == _ZERO_BLOCK:
@@ -185,10 +214,10 @@ def iter_tar_members(f: BinaryIO, want: Optional[Callable[[str], bool]] = None) 
                     raise tarfile.ReadError("a member is cut short (truncated)")
                 long_name = None
                 continue
-        data = f.read(size)
+        data = _read_full(f, size)
         if len(data) < size:
             raise tarfile.ReadError("a member is cut short (truncated)")
-        f.read(-size % _BLOCK)
+        _read_full(f, -size % _BLOCK)
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0")
         elif kind == b"x":  # pax extended header: "LEN path=NAME\n" records
@@ -210,16 +239,18 @@ def _member_name(header: bytes, long_name: Optional[bytes]) -> str:
     return (long_name or name).decode("utf-8")
 
 
-def iter_raw_samples(path: str) -> Iterator[RawSample]:
-    """Group the members of a tar shard into samples, in file order.
+def iter_raw_samples(path: str, timeout: float = 60.0, retries: int = 3) -> Iterator[RawSample]:
+    """Group the members of a tar shard (a path or a URL: user_dist/remote.py) into samples, in file order.
 
     Raises ShardError naming the shard and the last good key when the tar is
-    truncated or corrupt (a partly read sample is never yielded).
+    truncated or corrupt, or a remote read fails (a partly read sample is never yielded).
     """
+    from user_dist.remote import open_shard
+
     current: Optional[RawSample] = None
     last_key = "<start of file>"
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
+        with open_shard(path, timeout, retries) as f:
             for name, data in iter_tar_members(f):
                 key, ext = split_member_name(name)
                 if current is not None and current.key != key:
@@ -234,7 +265,7 @@ def iter_raw_samples(path: str) -> Iterator[RawSample]:
     except (tarfile.TarError, OSError, ValueError) as exc:
         if isinstance(exc, ShardError):
             raise
-        raise ShardError(f"{path}: truncated or corrupt tar after sample '{last_key}' ({exc}); "
+        raise ShardError(f"{path}: truncated, corrupt or unreadable tar after sample '{last_key}' ({exc}); "
                          "rebuild or re-copy this shard (or set data.on_error=skip)") from exc
     if current is not None:
         yield current

@@ -34,7 +34,7 @@ import numpy as np
 
 from user_dist.config import DataConfig, TextEncoderConfig
 from user_dist.data import Sample, SampleReader, train_loader
-from user_dist.data_format import CAPTIONS_PER_IMAGE, RawSample, load_manifest
+from user_dist.data_format import RawSample, load_manifest
 
 
 class MetadataReader(SampleReader):
@@ -146,7 +146,8 @@ def order_stats(data_cfg: DataConfig, batch: int, window: int, world_size: int =
     """Measure one epoch of the training stream of ``data_cfg.train_shards`` (``batch`` per rank)."""
     ids = stream_image_ids(data_cfg, batch, world_size, epoch, seed, tokenizer)
     global_batch = world_size * batch
-    captions = [CAPTIONS_PER_IMAGE] * load_manifest(data_cfg.train_shards).num_samples
+    captions = [s.num_captions // max(1, s.num_samples) for s in load_manifest(data_cfg.train_shards).shards
+                for _ in range(s.num_samples)]  # per-shard average: exact when all images have as many
     distinct = window_distinct(ids, window)
     return OrderStats(
         order=data_cfg.caption_order, images=len(captions), keys=len(ids), batch=global_batch, window=window,
