@@ -570,8 +570,16 @@ def cached_split(spec: str, key: str, data_cfg: DataConfig, **kw: Any) -> Split:
     args = (spec, key, data_cfg.io_timeout_s, data_cfg.io_retries, tuple(sorted(kw.items())))
     if args not in _SPLITS:
         _SPLITS[args] = open_split(spec, key, timeout=data_cfg.io_timeout_s, retries=data_cfg.io_retries, **kw)
-        log.info("%s", describe(_SPLITS[args]))
     return _SPLITS[args]
+
+
+def describe_data(data_cfg: DataConfig, validation: bool = True) -> List[str]:
+    """One line per training source (and the validation split): what its location resolved to."""
+    lines = [("training: " if len(data_cfg.train_sources) < 2 else f"training source '{src.namespace}' "
+              f"(weight {src.weight:g}): ") + describe(src.split) for src in train_sources(data_cfg)]
+    if validation:
+        lines.append("validation: " + describe(eval_split(data_cfg.val_shards, data_cfg, "data.val_shards")))
+    return lines
 
 
 def train_sources(data_cfg: DataConfig) -> List[TrainSource]:

@@ -140,6 +140,11 @@ class Trainer:
         self.layout = BatchLayout.of(t, self.world)
         self.tokenizer = build_tokenizer(cfg.model.text)
         first = self._stream(0)
+        if du.is_main():
+            from .data import describe_data
+
+            for line in describe_data(cfg.data, validation=t.validate_every_epochs > 0):
+                log.info("data: %s", line)
         self.data_fingerprint = first.fingerprint
         # Micro-batches per epoch are equal on every rank; an optimiser step is grad_accum of them.
         self.steps_per_epoch = first.steps_per_epoch // t.grad_accum
