@@ -25,8 +25,13 @@ INSTALL_REQUIRES = [
 # positive sets for the extended metrics (user_dist/evaluation/extended.py).
 EVAL_EXTRAS = ["eccv_caption==0.1.0"]
 
+# Shards on object storage (s3://, gs://, ...) are opened through fsspec and the
+# store's filesystem package (user_dist/remote.py); http(s) and pipe: need nothing more.
+REMOTE_EXTRAS = ["fsspec", "s3fs", "gcsfs"]
+
 EXTRAS = {
     "eval": EVAL_EXTRAS,
+    "remote": REMOTE_EXTRAS,
     "dev": [
         "pytest",
         "pytest-timeout",

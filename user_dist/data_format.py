@@ -312,7 +312,13 @@ class SplitIds:
 
 def read_split_ids(folder: str) -> SplitIds:
     """Every sample's image id and caption ids, reading only the ``json`` members
-    (the other members are skipped with a seek, never read)."""
+    (the other members are skipped with a seek, never read). ``folder`` may also be
+    any location of web shards (user_dist/sources.py): their ids are the json keys or
+    sample keys, and they have no caption ids."""
+    if not os.path.isdir(folder):
+        from user_dist.sources import read_web_ids
+
+        return SplitIds(read_web_ids(folder), None)
     manifest = load_manifest(folder)
     image_ids: List[Any] = []
     caption_ids: Optional[List[Any]] = []

@@ -214,3 +214,10 @@ def describe(split: Split) -> str:
     return (f"{split.spec}: {len(split.shards)} {split.layout} shard(s), {split.num_samples} samples {how}, "
             f"{captions}")
 
+
+
+def read_web_ids(spec: str, timeout: float = 60.0, retries: int = 3) -> List[Any]:
+    """The image ids of a web location's samples in split order (json key, else sample key)."""
+    from user_dist.web_shards import web_metadata
+
+    return [web_metadata(raw)[0] for url in expand(spec) for raw in iter_raw_samples(url, timeout, retries)]
