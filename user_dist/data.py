@@ -1,11 +1,17 @@
 """Shard readers: the training stream and the ordered evaluation stream.
 
+Locations (a shard folder with a manifest, or img2dataset-layout tars by
+pattern or URL, one or several weighted sources) are resolved by
+user_dist/sources.py; a pair is one caption of one image, and an image may
+have any number of captions.
+
 Training (:func:`train_loader`), for one epoch on one rank:
 
-1. the split's shards are shuffled with a seed shared by all ranks (seed, epoch),
+1. the sources' shards are shuffled with a seed shared by all ranks (seed, epoch),
 2. split by node (``shards[rank::world_size]``), then by loader worker
    (``rank_shards[w::num_workers]``);
-3. each worker reads its shards in 5 passes, one caption of every image per pass
+3. each worker reads its shards in one pass per caption of its most-captioned
+   image (5 for COCO, 1 for web data), one caption of every image per pass
    (the caption order below), each pass shuffled in a seeded buffer of
    ``data.shuffle_buffer`` pairs;
 4. pairs are batched, captions augmented (seeded per batch) and tokenised.
@@ -22,8 +28,9 @@ are masked in the loss, so what is lost is negatives.
 
 'spread' (the default) reads a worker's shards once per caption. Pass k
 emits, for every image, caption ``perm[k]``, where ``perm`` is a permutation
-of the image's captions seeded by (seed, epoch, key): over the 5 passes each
-caption comes exactly once. Each pass reads the shards in its own order and
+of the image's captions seeded by (seed, epoch, key): over the passes each
+caption comes exactly once (an image with n captions sits out the passes
+after its n-th). Each pass reads the shards in its own order and
 drains its own buffer, so within a pass no image repeats, and two captions of
 an image are about a pass apart (one pair of each of the worker's images).
 Pass k+1 shuffles the shards within each half of pass k's order: the shards
@@ -36,19 +43,25 @@ Bounds, per worker, whatever the size of the data: the buffer holds
 1/5 to all of that); each image is read and decoded 5 times per epoch
 ('grouped': once), which costs loader throughput (docs/data.md).
 
-Every rank runs exactly ``floor(5 * images / (world_size * batch_size))``
-steps. The steps of a rank are shared among its workers in proportion to
+Every rank runs exactly ``floor(pairs / (world_size * batch_size))`` steps. The steps of a rank are shared among its workers in proportion to
 their pairs; a worker whose shards run out starts them again in a new order
 (a short rank repeats a few pairs, a long one drops a few), so no rank hangs
 or stops early. Batch ``g`` of an epoch depends only on (seed, epoch, rank,
 world_size, batch_size, num_workers, data.shuffle_buffer, data.caption_order,
-the shards), so a run resumed with ``start_step=s`` yields exactly batches
+the sources), so a run resumed with ``start_step=s`` yields exactly batches
 s, s+1, ... of the uninterrupted epoch: workers skip earlier batches without
 collating them, and the main process puts the workers' batches back in order.
 
 Evaluation (:func:`eval_loader`): rank r reads the contiguous image range
 ``[r*N//W, (r+1)*N//W)`` of the split in source order, in batches of B images
-and their 5B captions, with ``image_index`` giving each image's position.
+and their captions, with ``image_index`` giving each image's position and
+``caption_counts`` each image's number of captions.
+
+Resampled (``data.resampled``): every worker draws shards with replacement
+from all sources (:class:`ShardDraws`, seeded by seed, epoch, rank and
+worker), each drawn shard giving one caption of each of its images; an epoch
+is ``data.train_num_samples`` pairs, and the batch sequence stays a function
+of the same parameters, so resuming is exact here too.
 
 Batch keys and shapes: docs/architecture.md. Decoding never unpickles.
 """
