@@ -28,6 +28,9 @@ import urllib.request
 from typing import BinaryIO, Iterator, Optional
 from urllib.parse import urlparse
 
+# A finished pipe: command's output is read this far past the tar's end (its padding is at most
+# one 10 KiB record) before the command is stopped rather than waited for.
+_DRAIN_READS, _DRAIN_BYTES = 4, 1 << 14
 # Answers worth another try: rate limits and server-side failures.
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -84,6 +87,12 @@ class _PipeStream:
         return data
 
     def close(self) -> None:
+        if not self.ended:
+            # A tar's reader stops at the end-of-archive marker, before the padding that may follow
+            # it: read that much more, so that a complete read still learns the command's status.
+            for _ in range(_DRAIN_READS):
+                if not self.read(_DRAIN_BYTES):
+                    break
         if not self.ended:  # stopped early: the command may block on a full pipe, so stop it
             self.pipe.proc.kill()
             self.pipe.stream.close()
