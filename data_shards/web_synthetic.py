@@ -112,10 +112,10 @@ def build_source(folder: str, source: str, params: Mapping[str, Any], *, skip_ex
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     _remove_unfinished(parent, source)
+    import webdataset  # noqa: F401  imported once here, before the workers fork
     # Written whole under a temporary name, renamed when complete: a killed build leaves no folder
     # that looks complete (its temporary folder is removed by the next build).
     tmp = tempfile.mkdtemp(prefix=f".{source}.tmp-", dir=parent)
-    import webdataset  # noqa: F401  imported once here, before the workers fork
     try:
         counts = shard_counts(int(params["images"]), int(params["shard_size"]))
         # Shards are independent (each has its own random stream): one process per core.
@@ -150,8 +150,8 @@ def _remove_unfinished(parent: str, source: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def build_web(out: str, *, seed: int = 0, images: Mapping[str, int] = DEFAULT_IMAGES, shard_size: int = DEFAULT_SHARD_SIZE,
-              skip_existing: bool = False, overwrite: bool = False) -> List[str]:
+def build_web(out: str, *, seed: int = 0, images: Mapping[str, int] = DEFAULT_IMAGES,
+              shard_size: int = DEFAULT_SHARD_SIZE, skip_existing: bool = False, overwrite: bool = False) -> List[str]:
     """Write out/train and out/extra (img2dataset layout); returns the two folders."""
     if not 1 <= shard_size <= KEYS_PER_SHARD:
         raise BuildError(f"--web-shard-size must be in 1..{KEYS_PER_SHARD} (img2dataset keys hold "
