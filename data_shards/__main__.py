@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m data_shards",
-        description="Build WebDataset shards (one sample per image, 5 captions) for user-dist. See docs/data.md.")
+        description="Build WebDataset shards (one sample per image, one or more captions) for user-dist. "
+                    "See docs/data.md.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (karpathy, precomp, synthetic, clip_features):
         module.register(commands)

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from data_shards.writer import BuildError, TarShard, encode_npy, prepare_output, write_manifest
+from data_shards.writer import (BuildError, CaptionCounts, TarShard, count_captions, encode_npy, prepare_output,
+                                write_manifest)
 from user_dist.atomic import atomic_json, is_temporary
 from user_dist.data_format import (MANIFEST, Manifest, RawSample, ShardInfo, decode_json, iter_raw_samples,
                                    load_manifest, sha256_file, split_member_name)
@@ -117,10 +118,11 @@ def _check_resume(out_dir: str, params: Mapping[str, Any], overwrite: bool) -> N
 
 
 def _encode_shard(manifest: Manifest, shard: ShardInfo, out_dir: str, encoder: ClipEncoder,
-                  index: "JpgIndex | None", batch_size: int) -> ShardInfo:
+                  index: "JpgIndex | None", batch_size: int) -> Tuple[ShardInfo, CaptionCounts]:
     from PIL import Image
 
     samples: List[Tuple[RawSample, Dict[str, Any]]] = []
+    captions = CaptionCounts()
     with TarShard(os.path.join(out_dir, shard.name)) as out:
         def flush() -> None:
             images = []
@@ -139,12 +141,19 @@ def _encode_shard(manifest: Manifest, shard: ShardInfo, out_dir: str, encoder: C
             samples.clear()
 
         for raw in iter_raw_samples(manifest.shard_path(shard)):
-            samples.append((raw, decode_json(raw)))
+            meta = decode_json(raw)
+            # clip_text.npy is declared (5, D): variable caption counts are not supported here yet.
+            if len(meta["captions"]) != 5:
+                raise BuildError(f"{raw.shard}: sample '{raw.key}' has {len(meta['captions'])} captions; CLIP "
+                                 "features are built for 5 captions per image only (build the input with "
+                                 "karpathy --first-five)")
+            captions.add(len(meta["captions"]))
+            samples.append((raw, meta))
             if len(samples) == batch_size:
                 flush()
         if samples:
             flush()
-        return out.finish()
+        return out.finish(), captions
 
 
 def build_clip(in_dir: str, out_dir: str, *, model: str = "ViT-B-32", weights: str = "", model_config: str = "",
@@ -160,14 +169,17 @@ def build_clip(in_dir: str, out_dir: str, *, model: str = "ViT-B-32", weights: s
     _check_resume(out_dir, params, overwrite)
     encoder = ClipEncoder(model, weights, model_config, device)
     index = JpgIndex(images_from) if images_from and not manifest.has("jpg") else None
-    shards = []
+    shards, captions = [], []
     for shard in manifest.shards:
         path = os.path.join(out_dir, shard.name)
         if os.path.isfile(path):  # finished by an earlier run (renamed into place only when complete)
             log.info("kept finished shard %s", path)
             shards.append(ShardInfo(shard.name, shard.num_samples, sha256_file(path), os.path.getsize(path)))
+            captions.append(count_captions(path))
             continue
-        shards.append(_encode_shard(manifest, shard, out_dir, encoder, index, batch_size))
+        info, counts = _encode_shard(manifest, shard, out_dir, encoder, index, batch_size)
+        shards.append(info)
+        captions.append(counts)
         log.info("wrote %s (%d samples)", path, shard.num_samples)
     dim = encoder.dim
     features = dict(manifest.features)
@@ -175,7 +187,7 @@ def build_clip(in_dir: str, out_dir: str, *, model: str = "ViT-B-32", weights: s
     features["clip_text.npy"] = {"dtype": "float16", "shape": [5, dim]}
     path = write_manifest(out_dir, split=manifest.split, source=manifest.source,
                           members=sorted(set(manifest.members) | {"clip_image.npy", "clip_text.npy"}),
-                          features=features, shards=shards,
+                          features=features, shards=shards, captions=captions,
                           build={"command": "clip", **params, "input_build": manifest.build})
     os.remove(os.path.join(out_dir, PARAMS_FILE))
     return path

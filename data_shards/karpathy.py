@@ -5,8 +5,12 @@
 (train / restval / val / test) and ``sentences[j].raw`` (and ``.sentid``).
 COCO's ``restval`` goes to train, as in every paper that uses these splits.
 
+Captions: an image keeps all its sentences, in order (any count >= 1); with
+``--first-five`` it keeps the first 5 and an image with fewer stops the build
+(the COCO 5K/1K and F30K evaluation protocols score exactly 5 per image).
+
 Caption ids: each sample records ``caption_ids``, Karpathy's ``sentid`` of
-its 5 captions (when every sentence has one). With ``--coco-captions
+every caption it keeps (when every one of them has one). With ``--coco-captions
 captions_train2014.json,captions_val2014.json`` it records COCO's own
 annotation ids instead, matched by image id and caption text (lower case,
 letters and digits only, so spacing, case and punctuation differences do not
@@ -50,15 +54,25 @@ def load_karpathy(json_path: str) -> Dict[str, Any]:
     return data
 
 
-def five_sentences(entry: Dict[str, Any], json_path: str, first_five: bool) -> List[Dict[str, Any]]:
-    """The image's 5 sentence records ({"raw", "sentid", ...})."""
+def image_id(entry: Dict[str, Any], index: int) -> Any:
+    """COCO's cocoid, else Karpathy's imgid, else the image's position in its split (own data)."""
+    return entry.get("cocoid", entry.get("imgid", index))
+
+
+def kept_sentences(entry: Dict[str, Any], index: int, json_path: str, first_five: bool) -> List[Dict[str, Any]]:
+    """The sentence records ({"raw", "sentid", ...}) the image keeps: all of them, or the first 5."""
     sentences = list(entry.get("sentences", []))
-    if len(sentences) == CAPTIONS_PER_IMAGE or (first_five and len(sentences) > CAPTIONS_PER_IMAGE):
+    where = f"{json_path}: image '{entry.get('filename')}' (id {image_id(entry, index)!r})"
+    if first_five:
+        if len(sentences) < CAPTIONS_PER_IMAGE:
+            raise BuildError(f"{where} has {len(sentences)} captions; --first-five needs at least "
+                             f"{CAPTIONS_PER_IMAGE} (the COCO/F30K protocols score exactly {CAPTIONS_PER_IMAGE}): "
+                             "fix the JSON or leave out --first-five to keep every caption")
         return sentences[:CAPTIONS_PER_IMAGE]
-    hint = " (pass --first-five to keep the first 5, as the standard protocol does)" \
-        if len(sentences) > CAPTIONS_PER_IMAGE else ""
-    raise BuildError(f"{json_path}: image '{entry.get('filename')}' has {len(sentences)} captions, "
-                     f"expected {CAPTIONS_PER_IMAGE}{hint}")
+    if not sentences:
+        raise BuildError(f"{where} has no captions; every image needs at least one (give it a caption or "
+                         "remove it from the JSON)")
+    return sentences
 
 
 def sentids(sentences: Sequence[Mapping[str, Any]]) -> Optional[List[Any]]:
@@ -105,13 +119,13 @@ class CocoCaptionIds:
 
 def coco_caption_ids(entries: Sequence[Dict[str, Any]], json_path: str, first_five: bool,
                      coco: CocoCaptionIds) -> List[List[int]]:
-    """COCO annotation ids of every entry's 5 captions; BuildError listing the captions without one."""
+    """COCO annotation ids of every entry's kept captions; BuildError listing the captions without one."""
     out, unmatched, differ = [], [], 0
-    for entry in entries:
+    for index, entry in enumerate(entries):
         if "cocoid" not in entry:
             raise BuildError(f"{json_path}: image '{entry.get('filename')}' has no 'cocoid'; --coco-captions needs "
                              "COCO's Karpathy JSON (dataset_coco.json)")
-        sentences = five_sentences(entry, json_path, first_five)
+        sentences = kept_sentences(entry, index, json_path, first_five)
         ids = coco.match(entry["cocoid"], [s["raw"] for s in sentences])
         unmatched += [(entry["cocoid"], s["raw"]) for s, i in zip(sentences, ids) if i is None]
         differ += sum(i is not None and i != s.get("sentid") for s, i in zip(sentences, ids))
@@ -176,12 +190,12 @@ def build_karpathy(json_path: str, images_dir: str, split: str, out_dir: str, *,
     with ShardWriter(out_dir, split=split, source=source, encoder=encoder, shard_size=shard_size,
                      build=build, overwrite=overwrite) as writer:
         for index, entry in enumerate(entries):
-            sentences = five_sentences(entry, json_path, first_five)
+            sentences = kept_sentences(entry, index, json_path, first_five)
             _, jpg = read_image(entry, images_dir)
-            image_id = entry.get("cocoid", entry.get("imgid", index))
             ids = coco_ids[index] if coco_ids is not None else sentids(sentences)
             writer.add(f"{source}_{split}_{index:06d}",
-                       sample_json(image_id, [s["raw"] for s in sentences], split, source, ids), {"jpg": jpg})
+                       sample_json(image_id(entry, index), [s["raw"] for s in sentences], split, source, ids),
+                       {"jpg": jpg})
     return os.path.join(out_dir, "manifest.json")
 
 
@@ -193,7 +207,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="train (includes restval) | val | test")
     p.add_argument("--out", required=True, help="output folder for this split's shards")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
-    p.add_argument("--first-five", action="store_true", help="keep the first 5 captions of images with more")
+    p.add_argument("--first-five", action="store_true",
+                   help="keep exactly the first 5 captions of every image and refuse images with fewer (the COCO "
+                        "5K/1K and F30K protocols need 5); default: keep all of an image's captions")
     p.add_argument("--source", default="", help="source name in keys/metadata (default: the JSON's 'dataset')")
     p.add_argument("--coco-captions", default="", metavar="FILES",
                    help="comma list of COCO's captions_train2014.json,captions_val2014.json: record COCO annotation "

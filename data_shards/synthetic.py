@@ -20,6 +20,9 @@ Output of ``python -m data_shards synthetic --out DIR``:
     DIR/shards/regions/{train,val,test}   region-feature shards
     DIR/shards/jpg/{train,val,test}       JPEG shards (64x64 renderings)
 
+and with --web also DIR/web/train and DIR/web/extra: the same world in
+img2dataset's layout, one caption per image (data_shards.web_synthetic).
+
 Everything is a deterministic function of --seed and the sizes.
 """
 from __future__ import annotations
@@ -172,29 +175,50 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[float, fl
     return [(cx + rr * np.cos(t), cy + rr * np.sin(t)) for rr, t in zip(radii, angles)]
 
 
-def render(scene: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> bytes:
-    """The scene as JPEG bytes (64x64, noisy grey background)."""
+def draw_scene(scene: Sequence[Mapping[str, Any]], rng: np.random.Generator, width: int = CANVAS,
+               height: int = CANVAS) -> Image.Image:
+    """The scene drawn on a width x height canvas (noisy grey background).
+
+    The 64x64 layout is stretched to the canvas (x by width/64, y by height/64),
+    so a square resize of any canvas gives back the 64x64 picture: the web set's
+    images of varying size and aspect ratio show the scenes the jpg splits show.
+    """
+    sx, sy = width / CANVAS, height / CANVAS  # exactly 1.0 for the jpg splits: their bytes do not change
     grey = int(rng.integers(40, 90))
-    pixels = (grey + rng.integers(0, 12, (CANVAS, CANVAS, 3))).astype(np.uint8)
+    pixels = (grey + rng.integers(0, 12, (height, width, 3))).astype(np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
+
+    def box(x1: float, y1: float, x2: float, y2: float) -> List[float]:
+        return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
     for obj in scene:
         x1, y1, x2, y2 = obj["box"]
         cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2
         fill = tuple(int(c) for c in np.clip(np.array(COLOURS[obj["colour"]][0]) + rng.normal(0, 8, 3), 0, 255))
         if obj["shape"] == "circle":
-            draw.ellipse([x1, y1, x2, y2], fill=fill)
+            draw.ellipse(box(x1, y1, x2, y2), fill=fill)
         elif obj["shape"] == "square":
-            draw.rectangle([x1 + 1, y1 + 1, x2 - 1, y2 - 1], fill=fill)
+            draw.rectangle(box(x1 + 1, y1 + 1, x2 - 1, y2 - 1), fill=fill)
         elif obj["shape"] == "cross":
             w = r / 3
-            draw.rectangle([cx - w, y1, cx + w, y2], fill=fill)
-            draw.rectangle([x1, cy - w, x2, cy + w], fill=fill)
+            draw.rectangle(box(cx - w, y1, cx + w, y2), fill=fill)
+            draw.rectangle(box(x1, cy - w, x2, cy + w), fill=fill)
         else:
-            draw.polygon(_polygon(obj["shape"], cx, cy, r), fill=fill)
+            draw.polygon([(x * sx, y * sy) for x, y in _polygon(obj["shape"], cx, cy, r)], fill=fill)
+    return image
+
+
+def encode_image(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    """The image as JPEG (quality 90), PNG or WEBP (quality 90) bytes."""
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
+    image.save(buf, format=fmt, **({} if fmt == "PNG" else {"quality": 90}))
     return buf.getvalue()
+
+
+def render(scene: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> bytes:
+    """The scene as JPEG bytes (64x64, noisy grey background)."""
+    return encode_image(draw_scene(scene, rng))
 
 
 def attributes(obj: Mapping[str, Any]) -> np.ndarray:
@@ -328,6 +352,8 @@ def build_synthetic(out: str, *, seed: int = 0, train_images: int = DEFAULT_SIZE
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from data_shards import web_synthetic  # imports this module: not at the top
+
     p = commands.add_parser("synthetic", help="the built-in synthetic dataset, every split, both modes",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output root (the demo uses data/synthetic)")
@@ -341,6 +367,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-existing", action="store_true",
                    help="keep shard folders already built with the same parameters")
     p.add_argument("--overwrite", action="store_true", help="replace existing shard folders")
+    p.add_argument("--web", action="store_true",
+                   help="also write DIR/web/{train,extra}: img2dataset-layout tars, one caption per image")
+    p.add_argument("--web-train-images", type=int, default=web_synthetic.DEFAULT_IMAGES["train"],
+                   help="images of DIR/web/train")
+    p.add_argument("--web-extra-images", type=int, default=web_synthetic.DEFAULT_IMAGES["extra"],
+                   help="images of DIR/web/extra")
+    p.add_argument("--web-shard-size", type=int, default=web_synthetic.DEFAULT_SHARD_SIZE,
+                   help=f"images per web tar (at most {web_synthetic.KEYS_PER_SHARD})")
 
     def run(a: argparse.Namespace) -> None:
         for folder in build_synthetic(a.out, seed=a.seed, train_images=a.train_images, val_images=a.val_images,
@@ -348,5 +382,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                                       shard_size=a.shard_size, modes=a.modes.split(","),
                                       skip_existing=a.skip_existing, overwrite=a.overwrite):
             print(folder)
+        if a.web:
+            for folder in web_synthetic.build_web(
+                    os.path.join(a.out, "web"), seed=a.seed, shard_size=a.web_shard_size,
+                    images={"train": a.web_train_images, "extra": a.web_extra_images},
+                    skip_existing=a.skip_existing, overwrite=a.overwrite):
+                print(web_synthetic.brace_pattern(folder))
 
     p.set_defaults(run=run)

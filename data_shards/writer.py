@@ -5,6 +5,11 @@ A shard is written under a hidden temporary name and renamed to its final
 crash never leaves something that looks complete: a folder without a manifest
 is an unfinished build. Tar members are written with fixed metadata so the
 same input gives byte-identical shards (and checksums).
+
+Each manifest shard entry also records ``num_captions`` (captions in the
+shard) and ``max_captions`` (most captions of one of its samples), so a reader
+can size steps and buffers without opening the shard; manifests written before
+these fields stay valid (a reader then assumes 5 captions per sample).
 """
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from data_shards import TOOL_VERSION
 from user_dist.atomic import AtomicFile, atomic_json, is_temporary
-from user_dist.data_format import (FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo,
-                                   check_array, valid_caption_ids)
+from user_dist.data_format import (FORMAT, KNOWN_MEMBERS, MANIFEST, ShardError, ShardInfo, check_array,
+                                   decode_json, iter_raw_samples, valid_caption_ids)
 
 
 class BuildError(ValueError):
@@ -113,16 +119,43 @@ class TarShard:
             self.abort()
 
 
+@dataclass
+class CaptionCounts:
+    """Caption totals of one shard, as recorded in its manifest entry."""
+
+    num_captions: int = 0  # captions of all its samples
+    max_captions: int = 0  # most captions of one sample
+
+    def add(self, n: int) -> None:
+        self.num_captions += n
+        self.max_captions = max(self.max_captions, n)
+
+
+def count_captions(path: str) -> CaptionCounts:
+    """The caption counts of a finished shard, read from its samples' json members."""
+    counts = CaptionCounts()
+    for raw in iter_raw_samples(path):
+        counts.add(len(decode_json(raw)["captions"]))
+    return counts
+
+
 def write_manifest(out_dir: str, *, split: str, source: str, members: Sequence[str],
                    features: Mapping[str, Mapping[str, Any]], shards: Sequence[ShardInfo],
-                   build: Mapping[str, Any]) -> str:
-    """Write out_dir/manifest.json atomically; returns its path."""
+                   build: Mapping[str, Any], captions: Optional[Sequence[CaptionCounts]] = None) -> str:
+    """Write out_dir/manifest.json atomically; returns its path.
+
+    captions: one CaptionCounts per shard (same order); None writes entries without the counts.
+    """
+    if captions is not None and len(captions) != len(shards):
+        raise ValueError(f"{len(captions)} caption counts for {len(shards)} shards")
+    entries = [{"name": s.name, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes} for s in shards]
+    for entry, counts in zip(entries, captions or ()):
+        entry.update(num_captions=counts.num_captions, max_captions=counts.max_captions)
     manifest = {
         "format": FORMAT, "tool_version": TOOL_VERSION, "split": split, "source": source,
         "num_samples": sum(s.num_samples for s in shards), "members": sorted(members),
         "features": {k: dict(v) for k, v in sorted(features.items())},
-        "shards": [{"name": s.name, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes}
-                   for s in shards],
+        "shards": entries,
         "build": dict(build),
     }
     path = os.path.join(out_dir, MANIFEST)
@@ -186,6 +219,7 @@ class ShardWriter:
         self.encoder, self.shard_size, self.build = encoder, shard_size, build
         self.prefix = prefix or f"{source}-{split}"
         self.shards: List[ShardInfo] = []
+        self.captions: List[CaptionCounts] = []  # one per shard, the current one included
         self._current: Optional[TarShard] = None
         self._caption_keys: Dict[str, str] = {}  # caption id -> sample key: ids must be unique in a split
 
@@ -199,7 +233,9 @@ class ShardWriter:
         if self._current is None:
             name = f"{self.prefix}-{len(self.shards):05d}.tar"
             self._current = TarShard(os.path.join(self.out_dir, name))
+            self.captions.append(CaptionCounts())
         self._current.add(key, members)
+        self.captions[-1].add(len(meta["captions"]))
         if self._current.num_samples == self.shard_size:
             self.shards.append(self._current.finish())
             self._current = None
@@ -211,7 +247,8 @@ class ShardWriter:
         if not self.shards:
             raise BuildError(f"no samples were written to {self.out_dir}; check the input split name")
         return write_manifest(self.out_dir, split=self.split, source=self.source, members=self.encoder.members,
-                              features=self.encoder.features, shards=self.shards, build=self.build)
+                              features=self.encoder.features, shards=self.shards, build=self.build,
+                              captions=self.captions)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -84,6 +84,21 @@ def test_an_interrupted_build_resumes_and_keeps_finished_shards(data, tmp_path):
     clip(data, src, tmp_path / "out")
     assert os.stat(first).st_ino == inode  # kept, not rewritten
     assert load_manifest(str(tmp_path / "out")).num_samples == 10
+    # the kept shard's captions are counted too: 4 + 4 + 2 images of 5 captions
+    entries = json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]
+    assert [(e["num_captions"], e["max_captions"]) for e in entries] == [(20, 5), (20, 5), (10, 5)]
+
+
+def test_samples_without_five_captions_are_refused_and_named(data, tmp_path):
+    from data_shards.karpathy import build_karpathy
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(samples(data / "shards" / "jpg" / "val")[1][0].members["jpg"])
+    (tmp_path / "mine.json").write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "split": "test", "sentences": [{"raw": f"c{j}"} for j in range(3)]}]}))
+    build_karpathy(str(tmp_path / "mine.json"), str(tmp_path / "images"), "test", str(tmp_path / "src"))
+    with pytest.raises(BuildError, match="sample 'mine_test_000000' has 3 captions; CLIP features are built for 5"):
+        clip(data, tmp_path / "src", tmp_path / "out")
 
 
 def test_refuses_a_complete_output_and_in_place_edits(data, tmp_path):

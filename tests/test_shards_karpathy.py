@@ -80,26 +80,68 @@ def test_unreadable_jpeg_is_named(coco):
         build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
 
 
-def test_caption_count_other_than_five_names_the_image(coco):
-    root, path = coco
+def with_caption_counts(path, counts):
+    """Give fixture image k counts[k] captions ('Image k, caption j.', j < count), with sentids 9000 + 10 k + j."""
     data = json.loads(path.read_text())
-    data["images"][3]["sentences"].append({"raw": "a sixth caption"})
-    data["images"][4]["sentences"].pop()
+    for k, n in counts.items():
+        data["images"][k]["sentences"] = [{"raw": f"Image {k}, caption {j}.", "sentid": 9000 + 10 * k + j}
+                                          for j in range(n)]
     path.write_text(json.dumps(data))
-    with pytest.raises(BuildError, match="'COCO_val2014_000000000003.jpg' has 6 captions.*--first-five"):
-        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
-    with pytest.raises(BuildError, match="'COCO_val2014_000000000004.jpg' has 4 captions, expected 5$"):
-        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), first_five=True)
 
 
-def test_first_five_keeps_the_first_five_captions(coco):
+def test_images_keep_all_their_captions_in_order_with_their_ids(coco):
     root, path = coco
-    data = json.loads(path.read_text())
-    data["images"][3]["sentences"].append({"raw": "a sixth caption"})
-    path.write_text(json.dumps(data))
+    with_caption_counts(path, {3: 1, 4: 7, 6: 5})
+    build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+    metas = [decode_json(r) for r in read(root / "out")]
+    assert [m["captions"] for m in metas] == [[f"Image {k}, caption {j}." for j in range(n)]
+                                              for k, n in ((3, 1), (4, 7), (6, 5))]
+    assert [m["caption_ids"] for m in metas] == [[9000 + 10 * k + j for j in range(n)]
+                                                 for k, n in ((3, 1), (4, 7), (6, 5))]
+
+
+def test_first_five_keeps_the_first_five_of_images_with_more(coco):
+    root, path = coco
+    with_caption_counts(path, {2: 6})
     main(["karpathy", "--json", str(path), "--images", str(root / "images"), "--split", "val",
           "--out", str(root / "out"), "--first-five"])
-    assert decode_json(read(root / "out")[0])["captions"] == [f"Image 2, caption {j}." for j in range(5)]
+    [meta] = [decode_json(r) for r in read(root / "out")]
+    assert meta["captions"] == [f"Image 2, caption {j}." for j in range(5)]
+    assert meta["caption_ids"] == [9000 + 20 + j for j in range(5)]
+    assert load_manifest(str(root / "out")).build["first_five"] is True
+
+
+def test_first_five_refuses_an_image_with_fewer_naming_its_id_and_count(coco, capsys):
+    root, path = coco
+    with_caption_counts(path, {4: 3})
+    assert main(["karpathy", "--json", str(path), "--images", str(root / "images"), "--split", "test",
+                 "--out", str(root / "out"), "--first-five"]) == 2
+    assert "image 'COCO_val2014_000000000004.jpg' (id 1004) has 3 captions; --first-five needs at least 5" \
+        in capsys.readouterr().err
+    assert not os.path.exists(root / "out" / "manifest.json")
+
+
+def test_an_image_without_captions_is_refused_and_named(coco):
+    root, path = coco
+    with_caption_counts(path, {6: 0})
+    with pytest.raises(BuildError, match=r"'COCO_val2014_000000000006.jpg' \(id 1006\) has no captions"):
+        build_karpathy(str(path), str(root / "images"), "test", str(root / "out"))
+
+
+def test_coco_annotation_ids_cover_every_kept_caption(coco):
+    root, path = coco
+    with_caption_counts(path, {3: 2})
+    val = coco_captions_file(root / "captions_val2014.json", [3, 4, 6])
+    build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), coco_captions=[val])
+    assert decode_json(read(root / "out")[0])["caption_ids"] == [500034, 500033]
+
+
+def test_manifest_counts_the_captions_of_each_shard(coco):
+    root, path = coco
+    with_caption_counts(path, {3: 1, 4: 7, 6: 2})
+    build_karpathy(str(path), str(root / "images"), "test", str(root / "out"), shard_size=2)
+    entries = json.loads((root / "out" / "manifest.json").read_text())["shards"]
+    assert [(e["num_samples"], e["num_captions"], e["max_captions"]) for e in entries] == [(2, 8, 7), (1, 2, 2)]
 
 
 def test_unknown_split_lists_the_splits_found(coco):

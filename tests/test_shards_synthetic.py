@@ -1,4 +1,5 @@
 """The built-in synthetic dataset: both modes, every split, deterministic, not solvable word by word."""
+import json
 import os
 import re
 from collections import Counter
@@ -120,3 +121,26 @@ def test_every_caption_has_an_id_unique_over_all_splits(built):
             assert meta["caption_ids"] == [5 * meta["image_id"] + j for j in range(5)]
             ids += meta["caption_ids"]
     assert len(set(ids)) == len(ids) == 5 * 62
+
+
+def test_manifests_count_five_captions_per_image(built):
+    shards = load_manifest(str(built / "shards" / "jpg" / "train")).shards
+    raw = json.load(open(built / "shards" / "jpg" / "train" / "manifest.json"))["shards"]
+    assert [(e["num_captions"], e["max_captions"]) for e in raw] == [(5 * s.num_samples, 5) for s in shards]
+
+
+def objects_mask(pixels):
+    """(H, W) bool: pixels far from the image's noisy grey background."""
+    return np.abs(pixels - np.median(pixels, axis=(0, 1))).max(axis=-1) > 50
+
+
+def test_a_scene_drawn_stretched_and_resized_square_looks_like_its_64px_picture():
+    """What the web set relies on: its 256-512 px images resized to 64 x 64 show the jpg splits' scenes."""
+    entries = generate_split("val", 20, seed=0)
+    small = [objects_mask(np.asarray(synthetic.draw_scene(e["scene"], np.random.default_rng(k)), np.float64))
+             for k, e in enumerate(entries)]
+    for k, e in enumerate(entries):
+        big = synthetic.draw_scene(e["scene"], np.random.default_rng(100 + k), 480, 272)
+        mask = objects_mask(np.asarray(big.resize((64, 64), synthetic.Image.BICUBIC), np.float64))
+        iou = [(mask & s).sum() / (mask | s).sum() for s in small]
+        assert iou[k] > 0.8 and max(iou[:k] + iou[k + 1:]) < 0.5, iou

@@ -10,7 +10,8 @@ import pytest
 
 from data_shards.__main__ import main
 from user_dist.atomic import is_temporary
-from data_shards.writer import BuildError, SampleEncoder, ShardWriter, TarShard, sample_json
+from data_shards.writer import (BuildError, CaptionCounts, SampleEncoder, ShardWriter, TarShard, count_captions,
+                                sample_json, write_manifest)
 from user_dist.data_format import iter_raw_samples, load_manifest, load_npy, verify_checksums
 
 ENCODER = SampleEncoder(["regions.npy"], {"regions.npy": {"dtype": "float16", "shape": [None, 4]}})
@@ -183,3 +184,29 @@ def test_bad_caption_ids_are_refused_when_writing_and_reading(tmp_path, ids, mes
         ENCODER.encode("k", meta, {"regions.npy": np.zeros((1, 4), np.float16)})
     with pytest.raises(ShardError, match="sample 'k' member 'json' has caption_ids"):
         decode_json(RawSample("s.tar", "k", {"json": json.dumps(meta).encode()}))
+
+
+def test_manifest_counts_each_shards_captions_and_its_largest_sample(tmp_path):
+    counts = [1, 7, 5, 2, 3]
+    with ShardWriter(str(tmp_path), split="test", source="unit", encoder=ENCODER, shard_size=2,
+                     build={"command": "unit"}) as w:
+        for k, n in enumerate(counts):
+            w.add(f"unit_test_{k:06d}", sample_json(k, [f"caption {k} {j}" for j in range(n)], "test", "unit",
+                                                    [10 * k + j for j in range(n)]),
+                  {"regions.npy": np.zeros((1, 4), dtype=np.float16)})
+    entries = json.load(open(tmp_path / "manifest.json"))["shards"]
+    assert [(e["num_samples"], e["num_captions"], e["max_captions"]) for e in entries] == \
+        [(2, 8, 7), (2, 7, 5), (1, 3, 3)]
+    assert [count_captions(str(tmp_path / e["name"])) for e in entries] == \
+        [CaptionCounts(8, 7), CaptionCounts(7, 5), CaptionCounts(3, 3)]
+
+
+def test_a_manifest_without_caption_counts_stays_readable(tmp_path):
+    write_split(tmp_path)
+    manifest = load_manifest(str(tmp_path))
+    write_manifest(str(tmp_path), split="test", source="unit", members=manifest.members,
+                   features=manifest.features, shards=manifest.shards, build={})
+    entries = json.load(open(tmp_path / "manifest.json"))["shards"]
+    assert not any("num_captions" in e or "max_captions" in e for e in entries)
+    assert load_manifest(str(tmp_path)).shards == manifest.shards
+
