@@ -507,8 +507,8 @@ def parse_args(argv):
                            "torchrun takes only --run-dir: it reads --run as its own --run-path)")
     p.add_argument("--protocol", choices=list(PROTOCOL_IMAGES), help="with --sims: the protocol")
     p.add_argument("--json", metavar="OUT", help="with --sims: write the metrics to this JSON file")
-    p.add_argument("--caption-counts", metavar="NPY", help=f"with --sims: the split's (N,) captions per image (default: "
-                   f"{COUNTS_FILE} beside the first matrix when there is one, else 5 per image)")
+    p.add_argument("--caption-counts", metavar="NPY", help=f"with --sims: the split's (N,) captions per image "
+                   f"(default: {COUNTS_FILE} beside the first matrix when there is one, else 5 per image)")
     p.add_argument("--ids", metavar="PATH", help="with --sims: the split's shard folder or ids.json (written beside "
                    "sims.npy): adds ECCV Caption / CxC metrics on COCO 5K with COCO caption ids")
     p.add_argument("--pm-dir", default="", metavar="DIR", help="with --ids: folder of the plausible-match files "

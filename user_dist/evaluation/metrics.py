@@ -67,7 +67,7 @@ class ProtocolError(ValueError):
 
 def as_counts(caption_counts: Counts) -> Optional[np.ndarray]:
     """caption_counts as a (N,) int64 numpy array, or None (5 per image) when None or all 5: the
-    5-per-image layout's faster paths (and the COCO folds) apply to every split that has it."""
+    5-per-image layout (owners j // 5, the COCO protocols and folds) applies to every split that has it."""
     if caption_counts is None:
         return None
     counts = caption_counts.cpu().numpy() if torch.is_tensor(caption_counts) else np.asarray(caption_counts)
@@ -154,7 +154,7 @@ def _first_non_finite(sims: Sims) -> Optional[Tuple[int, int, int]]:
         lo, hi = torch.aminmax(sims)
         if bool(torch.isfinite(lo) & torch.isfinite(hi)):
             return None
-        bad = ~torch.isfinite(sims)  # (N, 5N) bool, where sims lives
+        bad = ~torch.isfinite(sims)  # (N, C) bool, where sims lives
         r, c = bad.nonzero()[0].tolist()  # row-major order, like np.argwhere
         return int(bad.sum()), r, c
     bad = ~np.isfinite(sims)
