@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The evaluation job: metrics from similarity matrices, checkpoints or a whole run.
 
-    # offline scoring and ensembles: one or more saved (N, 5N) image x caption matrices
+    # offline scoring and ensembles: one or more saved (N, C) image x caption matrices (C = 5N, or the
+    # sum of the caption counts in caption_counts.npy beside the first matrix, or --caption-counts NPY)
     python launch/evaluate.py --sims A.npy [B.npy ...] --protocol coco1k --json out.json
     # + ECCV Caption / CxC (/ PMRP) on COCO 5K: the split's ids from its shards or the ids.json beside sims.npy
     python launch/evaluate.py --sims sims.npy --protocol coco5k --ids data/coco/shards/regions/test [--pm-dir DIR]
@@ -17,7 +18,7 @@
 Any ``key=value`` after the options overrides the checkpoint's own config,
 e.g. ``eval.protocols=[generic] eval.batch_size=64 eval.save_sims=true``.
 For each checkpoint it writes RUN/eval/<tag>/metrics.json and report.html
-(and sims.npy with eval.save_sims), TensorBoard scalars eval/<protocol>/<metric>
+(and sims.npy, caption_counts.npy and ids.json with eval.save_sims), TensorBoard scalars eval/<protocol>/<metric>
 (eval/momentum/<protocol>/<metric> for the momentum towers) at the checkpoint's
 step into RUN/tb/eval, RUN/eval/best.json (highest rsum of the first protocol)
 and RUN/eval/state.json (what was done, across restarts).
@@ -41,8 +42,8 @@ import numpy as np  # noqa: E402
 
 from user_dist.atomic import AtomicFile, atomic_json  # noqa: E402
 from user_dist.config import load_config  # noqa: E402
-from user_dist.evaluation.metrics import (PROTOCOL_IMAGES, ProtocolError, check_shape, check_sims,  # noqa: E402
-                                          evaluate, i2t_ranks_torch, t2i_ranks_torch)
+from user_dist.evaluation.metrics import (CAPTIONS_PER_IMAGE, PROTOCOL_IMAGES, ProtocolError,  # noqa: E402
+                                          check_shape, check_sims, evaluate, i2t_ranks_torch, t2i_ranks_torch)
 from user_dist.evaluation.extended import EXTENDED, extended_or_note, save_ids, tensorboard_tag  # noqa: E402
 from user_dist.evaluation.report import (TowerScores, format_extended, format_table, shown_images,  # noqa: E402
                                          write_report)
@@ -57,15 +58,48 @@ TOWERS = {"online": ("online",), "momentum": ("momentum",), "both": ("online", "
 # run may have been resumed from a checkpoint pruned since): blank them so
 # that validation does not reject the config.
 NEUTRAL_OVERRIDES = ["train.resume=''", "train.deepspeed_config=''"]
+# Beside sims.npy: the split's (N,) captions per image, which lay out the matrix's C columns.
+COUNTS_FILE = "caption_counts.npy"
 
 
 # --------------------------------------------------------------------------- offline scoring
 
 
-def load_sims(paths: Sequence[str], protocol: str) -> np.ndarray:
-    """Load saved (N, 5N) matrices and average them (an ensemble).
+def load_counts(path: str) -> np.ndarray:
+    """(N,) int64 captions per image from a .npy (COUNTS_FILE), never unpickled.
 
-    Each file is checked alone (shape for the protocol, NaN/inf) so that the
+    Raises:
+        ProtocolError: naming the file, when it is unreadable or not a 1-D integer array.
+    """
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ProtocolError(f"{path}: cannot read a .npy of caption counts ({exc})") from exc
+    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
+        raise ProtocolError(f"{path}: caption counts must be a 1-D integer array (one count per image), got shape "
+                            f"{counts.shape} of {counts.dtype}")
+    return counts.astype(np.int64)
+
+
+def counts_for(paths: Sequence[str], given: Optional[str]) -> Optional[np.ndarray]:
+    """The caption counts of saved matrices: ``given`` (--caption-counts), else COUNTS_FILE beside
+    the first matrix when there is one, else None (5 per image: matrices saved before the counts were)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(paths[0])), COUNTS_FILE)
+    path = given or (beside if os.path.isfile(beside) else None)
+    return None if path is None else load_counts(path)
+
+
+def save_counts(path: str, counts) -> None:
+    """(N,) caption counts written atomically as int64 .npy (what --sims reads beside sims.npy)."""
+    with AtomicFile(path, "wb") as f:
+        np.save(f, np.asarray(counts, dtype=np.int64))
+
+
+def load_sims(paths: Sequence[str], protocol: str, caption_counts: Optional[np.ndarray] = None) -> np.ndarray:
+    """Load saved (N, C) matrices and average them (an ensemble).
+
+    caption_counts: (N,) captions per image laying out the C columns (metrics.evaluate); None: 5 per image.
+    Each file is checked alone (shape and counts for the protocol, NaN/inf) so that the
     message names the file. np.load never unpickles (allow_pickle=False).
     Raises:
         ProtocolError: a file does not fit the protocol or the files' shapes differ.
@@ -79,7 +113,13 @@ def load_sims(paths: Sequence[str], protocol: str) -> np.ndarray:
         if first is not None and sims.shape != first[1]:
             raise ProtocolError(f"{path}: shape {sims.shape} differs from {first[0]}'s {first[1]}; "
                                 "matrices of one ensemble must score the same images and captions")
-        check_sims(sims, protocol, source=path)
+        try:
+            check_sims(sims, protocol, source=path, caption_counts=caption_counts)
+        except ProtocolError as exc:
+            if caption_counts is None and sims.ndim == 2 and sims.shape[1] != CAPTIONS_PER_IMAGE * sims.shape[0]:
+                raise ProtocolError(f"{exc} Its caption counts: --caption-counts NPY, or {COUNTS_FILE} beside "
+                                    "the matrix (the evaluation job writes it with eval.save_sims).") from None
+            raise
         if len(paths) == 1:
             return sims
         total = sims.astype(np.float64) if total is None else total + sims  # float64: exact enough to average
@@ -208,13 +248,15 @@ class CheckpointEvaluator:
             if split is None:
                 continue
             # Scored where the matrix is computed; only the rank vectors come back per protocol.
-            sims = split.similarities(device, keep_on_device=True)  # (N, 5N) float32 on the device
-            results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}") for p in cfg.eval.protocols}
+            sims = split.similarities(device, keep_on_device=True)  # (N, C) float32 on the device
+            counts = split.caption_counts  # (N,): image k's captions are the n_k columns after images 0..k-1's
+            results = {p: evaluate(sims, p, source=f"test split of {ckpt_dir}", caption_counts=counts)
+                       for p in cfg.eval.protocols}
             if ids is None:
                 ids = self.split_ids(cfg, out_dir)
-            results.update(self.extended(sims, cfg, ids))
+            results.update(self.extended(sims, cfg, ids, counts))
             # The report's recall curves need the whole split's ranks: counted here too, not again on the host.
-            ranks = (i2t_ranks_torch(sims).cpu().numpy(), t2i_ranks_torch(sims).cpu().numpy())
+            ranks = (i2t_ranks_torch(sims, counts).cpu().numpy(), t2i_ranks_torch(sims, counts).cpu().numpy())
             scored[towers] = TowerScores(towers, results, sims.cpu().numpy(), ranks)  # once, for the report
             del sims
             if device.type == "cuda":
@@ -227,6 +269,7 @@ class CheckpointEvaluator:
                 name = "sims.npy" if towers == "online" else f"sims_{towers}.npy"
                 with AtomicFile(os.path.join(out_dir, name), "wb") as f:
                     np.save(f, s.sims)
+            save_counts(os.path.join(out_dir, COUNTS_FILE), split.caption_counts)  # one split: both sets' layout
         self._report(os.path.join(out_dir, "report.html"), f"{os.path.basename(ckpt_dir)} (step {step})",
                      list(scored.values()), split, cfg)
         return step, towers_results({t: s.results for t, s in scored.items()})
@@ -249,9 +292,9 @@ class CheckpointEvaluator:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        n = split.images.shape[0]
+        shape = (split.images.shape[0], split.captions.shape[0])  # (N, C)
         for p in cfg.eval.protocols:  # on every rank, so that all stop together
-            check_shape((n, 5 * n), p, source=f"test split {self.split_dir(cfg)}")
+            check_shape(shape, p, source=f"test split {self.split_dir(cfg)}", caption_counts=split.caption_counts)
         return step, cfg, (split if distributed.rank() == 0 else None), device
 
     def split_dir(self, cfg) -> str:
@@ -268,7 +311,8 @@ class CheckpointEvaluator:
         first, *more = scored
         write_report(path, title, first.results, first.sims, captions,
                      [f"image #{k}" for k in range(first.sims.shape[0])], images,
-                     examples=cfg.eval.report_examples, ranks=first.ranks, towers=first.name, more=more)
+                     examples=cfg.eval.report_examples, ranks=first.ranks, towers=first.name, more=more,
+                     caption_counts=split.caption_counts)
 
     def split_ids(self, cfg, out_dir: str):
         """The split's ids when eval.extended or eval.save_sims needs them (else False); with
@@ -283,10 +327,11 @@ class CheckpointEvaluator:
             save_ids(os.path.join(out_dir, "ids.json"), ids)
         return ids
 
-    def extended(self, sims, cfg, ids) -> dict:
-        """{EXTENDED: ECCV Caption / CxC / PMRP metrics} per eval.extended, else {}."""
+    def extended(self, sims, cfg, ids, caption_counts) -> dict:
+        """{EXTENDED: ECCV Caption / CxC / PMRP metrics} per eval.extended, else {} (also for a split
+        without 5 captions per image: a note says why)."""
         metrics = None if cfg.eval.extended == "never" or ids is False else \
-            extended_or_note(sims, ids, cfg.eval.extended == "always", cfg.eval.pm_dir)
+            extended_or_note(sims, ids, cfg.eval.extended == "always", cfg.eval.pm_dir, caption_counts)
         return {EXTENDED: metrics} if metrics else {}
 
 
@@ -453,14 +498,17 @@ def parse_args(argv):
         epilog="Overrides (checkpoint modes): key=value applied to the checkpoint's config, "
                "e.g. eval.protocols=[generic] eval.batch_size=64 eval.save_sims=true.")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--sims", nargs="+", metavar="NPY", help="saved (N, 5N) image x caption matrices; "
-                      "several are averaged (an ensemble)")
+    mode.add_argument("--sims", nargs="+", metavar="NPY", help="saved (N, C) image x caption matrices; "
+                      "several are averaged (an ensemble). C = 5N, or the sum of the caption counts "
+                      f"({COUNTS_FILE} beside the first matrix, or --caption-counts)")
     mode.add_argument("--checkpoint", metavar="PATH", help="one checkpoint folder (with COMPLETE)")
     mode.add_argument("--run-dir", "--run", dest="run", metavar="DIR",
                       help="a run folder: evaluate its checkpoints not evaluated yet (--run is the same option; "
                            "torchrun takes only --run-dir: it reads --run as its own --run-path)")
     p.add_argument("--protocol", choices=list(PROTOCOL_IMAGES), help="with --sims: the protocol")
     p.add_argument("--json", metavar="OUT", help="with --sims: write the metrics to this JSON file")
+    p.add_argument("--caption-counts", metavar="NPY", help=f"with --sims: the split's (N,) captions per image "
+                   f"(default: {COUNTS_FILE} beside the first matrix when there is one, else 5 per image)")
     p.add_argument("--ids", metavar="PATH", help="with --sims: the split's shard folder or ids.json (written beside "
                    "sims.npy): adds ECCV Caption / CxC metrics on COCO 5K with COCO caption ids")
     p.add_argument("--pm-dir", default="", metavar="DIR", help="with --ids: folder of the plausible-match files "
@@ -479,9 +527,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.sims and not args.protocol:
         p.error("--sims needs --protocol (coco5k, coco1k, f30k or generic)")
-    if not args.sims and (args.protocol or args.json or args.ids or args.pm_dir):
-        p.error("--protocol, --json, --ids and --pm-dir go with --sims; for checkpoints set eval.protocols=[...], "
-                "eval.extended, eval.pm_dir")
+    if not args.sims and (args.protocol or args.json or args.ids or args.pm_dir or args.caption_counts):
+        p.error("--protocol, --json, --ids, --pm-dir and --caption-counts go with --sims; for checkpoints set "
+                "eval.protocols=[...], eval.extended, eval.pm_dir")
     if args.pm_dir and not args.ids:
         p.error("--pm-dir needs --ids (PMRP is computed with the ECCV Caption / CxC metrics)")
     if args.watch and not args.run:
@@ -494,9 +542,11 @@ def parse_args(argv):
 
 
 def _score_sims(args) -> int:
-    sims = load_sims(args.sims, args.protocol)
-    results = evaluate(sims, args.protocol, source=args.sims[0] if len(args.sims) == 1 else "averaged matrices")
-    extended = extended_or_note(sims, args.ids, True, args.pm_dir) if args.ids else None
+    counts = counts_for(args.sims, args.caption_counts)
+    sims = load_sims(args.sims, args.protocol, counts)
+    results = evaluate(sims, args.protocol, source=args.sims[0] if len(args.sims) == 1 else "averaged matrices",
+                       caption_counts=counts)
+    extended = extended_or_note(sims, args.ids, True, args.pm_dir, counts) if args.ids else None
     print(format_table({args.protocol: results, **({EXTENDED: extended} if extended else {})}))
     if args.json:
         atomic_json(args.json, {**results, EXTENDED: extended} if extended else results)

@@ -261,7 +261,8 @@ def batch(indices):
     g = torch.Generator().manual_seed(0)
     regions = torch.randn(100, 3, 6, generator=g)[idx]
     ids = (torch.arange(500).view(100, 5, 1) * 7 + torch.arange(4)) % 50
-    return {"regions": regions, "input_ids": ids[idx].reshape(-1, 4), "image_index": idx}
+    return {"regions": regions, "input_ids": ids[idx].reshape(-1, 4), "image_index": idx,
+            "caption_counts": torch.full((len(idx),), 5)}
 
 n, world = int(sys.argv[2]), distributed.discover().world_size
 if world > 1:
@@ -365,14 +366,14 @@ def test_a_checkpoint_is_scored_as_a_tensor_where_it_was_computed_and_saved_once
 
     scored = []
 
-    def spy(sims, protocol, source):
-        scored.append((torch.is_tensor(sims), sims.device.type, protocol))
-        return evaluate(sims, protocol, source)
+    def spy(sims, protocol, source, caption_counts):
+        scored.append((torch.is_tensor(sims), sims.device.type, protocol, caption_counts.tolist()))
+        return evaluate(sims, protocol, source, caption_counts)
 
     monkeypatch.setattr(job, "evaluate", spy)
     model_checkpoint(tmp_path, 100, [f"data.test_shards={test_shards}", "eval.save_sims=true"])
     assert job.main(["--run", str(tmp_path)]) == 0
-    assert scored == [(True, device_for(0).type, "generic")]  # the job's device: CUDA where there is one
+    assert scored == [(True, device_for(0).type, "generic", [5] * 17)]  # the job's device: CUDA where there is one
     out = tmp_path / "eval" / "step_00000100"
     sims = np.load(out / "sims.npy")
     assert sims.dtype == np.float32 and sims.shape == (17, 85)

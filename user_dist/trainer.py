@@ -316,8 +316,8 @@ class Trainer:
     # ----------------------------------------------------------------- validation
 
     def validate(self) -> Optional[float]:
-        """rsum on the val split (generic protocol) of the train.validate_towers (online or momentum);
-        keeps the best checkpoint by it."""
+        """rsum on the val split (generic protocol: any number of captions per image) of the
+        train.validate_towers (online or momentum); keeps the best checkpoint by it."""
         from .data import eval_loader
         from .evaluation.encode import encode_split
         from .evaluation.metrics import evaluate
@@ -334,7 +334,8 @@ class Trainer:
             model.train(was_training)
         rsum = None
         if du.is_main():
-            m = evaluate(split.similarities().numpy(), "generic", source=self.cfg.data.val_shards)
+            m = evaluate(split.similarities().numpy(), "generic", source=self.cfg.data.val_shards,
+                         caption_counts=split.caption_counts)  # any number of captions per image
             rsum = m["rsum"]
             prefix = "val/momentum" if momentum else "val"  # online: the tags from before validate_towers
             self.monitor.scalars({f"{prefix}/{k}": float(v) for k, v in m.items() if not isinstance(v, (list, dict))},

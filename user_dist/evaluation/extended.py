@@ -15,7 +15,9 @@ metrics here:
 They are available when the package is installed (``pip install
 'user-dist[eval]'``) and the test split carries COCO's caption annotation ids
 (the package's id space): its 25,000 caption ids are exactly the package's
-and each caption belongs to the image COCO gives it. The package takes ranked
+and each caption belongs to the image COCO gives it, 5 per image (a split with
+another number of captions per image gets none: :func:`compute_extended`'s
+caption_counts). The package takes ranked
 lists of ids, so each query's list is cut to what the metrics read (10 items,
 or its number of positives when that is more). Ties are broken by position in
 the split (lower first), as an argsort does; the protocols' own recalls in
@@ -39,8 +41,8 @@ import numpy as np
 import torch
 
 from user_dist.data_format import MANIFEST, SplitIds, read_split_ids
+from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, Counts, as_counts, caption_owners, describe_counts
 
-CAPTIONS_PER_IMAGE = 5
 EXTENDED = "extended"  # key of these metrics in the job's results, beside the protocols
 RECALL_KS = (1, 5, 10)
 ECCV_KEYS = tuple(f"eccv_{d}_{m}" for m in ("map_at_r", "rprecision", "r1") for d in ("i2t", "t2i"))
@@ -129,11 +131,12 @@ def check_coco5k(ids: SplitIds, package) -> Tuple[np.ndarray, np.ndarray]:
         raise ExtendedUnavailable(f"the test split's caption ids are not COCO 5K's annotation ids ({found} of its "
                                   f"{len(captions)} are among the {len(want)} of Karpathy's COCO test split)")
     owner = package.coco_gts["t2i"]
+    sample = caption_owners(None, len(captions))  # (25000,): 5 per image, checked by compute_extended
     for j, cid in enumerate(captions.tolist()):
-        if owner[cid][0] != images[j // CAPTIONS_PER_IMAGE]:
+        if owner[cid][0] != images[sample[j]]:
             raise ExtendedUnavailable(f"caption {cid} belongs to COCO image {owner[cid][0]} but sits with image "
-                                      f"{images[j // CAPTIONS_PER_IMAGE]} in the shards (sample "
-                                      f"{j // CAPTIONS_PER_IMAGE}); the shards' ids are inconsistent: rebuild them")
+                                      f"{images[sample[j]]} in the shards (sample {sample[j]}); the shards' ids are "
+                                      "inconsistent: rebuild them")
     return images, captions
 
 
@@ -197,14 +200,19 @@ def ranked_items(sims: Sims, images: np.ndarray, captions: np.ndarray, package) 
     return out
 
 
-def compute_extended(sims: Sims, ids: SplitIds, pm_dir: str = "") -> Dict[str, float]:
+def compute_extended(sims: Sims, ids: SplitIds, pm_dir: str = "", caption_counts: Counts = None) -> Dict[str, float]:
     """ECCV Caption, CxC (and PMRP with pm_dir) of a COCO 5K (5000, 25000) matrix, in percent.
 
-    sims: numpy array or torch tensor (ranked where it lives); ids: the split's ids in its order.
+    sims: numpy array or torch tensor (ranked where it lives); ids: the split's ids in its order;
+    caption_counts: (N,) the split's captions per image (metrics.evaluate), None: 5 per image.
     Raises:
-        ExtendedUnavailable: the package is missing or the split is not COCO 5K with COCO caption ids.
+        ExtendedUnavailable: the split does not have 5 captions per image, the package is missing or
+            the split is not COCO 5K with COCO caption ids.
         ValueError: pm_dir lacks the plausible-match files.
     """
+    if as_counts(caption_counts) is not None:
+        raise ExtendedUnavailable(f"they need COCO 5K's {CAPTIONS_PER_IMAGE} captions per image, and the split's "
+                                  f"{describe_counts(caption_counts)}")
     package = load_package(pm_dir)
     images, captions = check_coco5k(ids, package)
     if tuple(sims.shape) != (len(images), len(captions)):
@@ -226,13 +234,14 @@ def compute_extended(sims: Sims, ids: SplitIds, pm_dir: str = "") -> Dict[str, f
     return {k: out[k] for k in EXTENDED_KEYS if k in out}
 
 
-def extended_or_note(sims: Sims, ids: Union[SplitIds, str, None], asked: bool, pm_dir: str = "") -> Optional[dict]:
+def extended_or_note(sims: Sims, ids: Union[SplitIds, str, None], asked: bool, pm_dir: str = "",
+                     caption_counts: Counts = None) -> Optional[dict]:
     """compute_extended, or None with a one-line note: a warning when the user asked for the
     metrics (eval.extended=always, --ids), an info line otherwise. ids: SplitIds or a path for load_ids."""
     try:
         if ids is None:
             raise ExtendedUnavailable("no ids given (--ids SHARD_DIR or ids.json)")
-        return compute_extended(sims, load_ids(ids) if isinstance(ids, str) else ids, pm_dir)
+        return compute_extended(sims, load_ids(ids) if isinstance(ids, str) else ids, pm_dir, caption_counts)
     except ExtendedUnavailable as exc:
         (log.warning if asked else log.info)("ECCV Caption / CxC / PMRP metrics not computed: %s", exc)
         return None

@@ -1,8 +1,8 @@
 """What a person reads: a metrics table for the terminal and an HTML page.
 
 The page is self-contained (no network, no files beside it): the metrics per
-protocol, for a few test images their top-5 captions (correct ones marked),
-for a few captions their top-5 images (a JPEG thumbnail embedded in the page
+protocol, for a few test images their top-5 captions (correct ones, the image's
+own whatever their number, marked), for a few captions their top-5 images (a JPEG thumbnail embedded in the page
 when pictures are at hand, user_dist.evaluation.thumbnails; else the image's
 label and first caption), and recall@K curves for both directions as inline
 SVG. The examples are evenly spaced over the split, so the pages of
@@ -19,7 +19,8 @@ import numpy as np
 
 from user_dist.atomic import atomic_write
 from user_dist.evaluation.extended import EXTENDED
-from user_dist.evaluation.metrics import CAPTIONS_PER_IMAGE, METRIC_KEYS, i2t_ranks, recall_curve, t2i_ranks
+from user_dist.evaluation.metrics import (CAPTIONS_PER_IMAGE, METRIC_KEYS, Counts, ProtocolError, caption_owners,
+                                          check_counts, i2t_ranks, recall_curve, t2i_ranks)
 from user_dist.evaluation.thumbnails import ReportImages
 
 TOP = 5
@@ -113,8 +114,9 @@ class TowerScores:
 
     name: "online" or "momentum" ("" for a page that does not say).
     results: protocol -> metrics dict (METRIC_KEYS).
-    sims: (N, 5N) image x caption scores of the whole split.
-    ranks: (i2t (N,), t2i (5N,)) 0-based ranks over the whole split when the
+    sims: (N, C) image x caption scores of the whole split (columns laid out by the
+        page's caption_counts, render_html).
+    ranks: (i2t (N,), t2i (C,)) 0-based ranks over the whole split when the
         caller has them (the evaluation job counts them on the device); None:
         counted here with numpy.
     """
@@ -132,16 +134,16 @@ def shown_images(sims: Sequence[np.ndarray], examples: int) -> List[int]:
     n = sims[0].shape[0]
     shown = set(example_queries(examples, n).tolist())
     for s in sims:
-        for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
+        for j in example_queries(examples, s.shape[1]):
             shown.update(top_k(s[:, j]).tolist())
     return sorted(shown)
 
 
-def _image_cell(k: int, labels: Sequence[str], captions: Sequence[str], images: Optional[ReportImages]) -> str:
+def _image_cell(k: int, labels: Sequence[str], first_captions: Sequence[str], images: Optional[ReportImages]) -> str:
+    """Image k as its picture, else its label and first caption (first_captions[k])."""
     if images is not None and k in images.uris:
         return f'<img src="{images.uris[k]}" alt="image {k}" title="{html.escape(labels[k])}">'
-    return (f"<b>{html.escape(labels[k])}</b><br><small>{html.escape(captions[CAPTIONS_PER_IMAGE * k])}"
-            "</small>")
+    return f"<b>{html.escape(labels[k])}</b><br><small>{html.escape(first_captions[k])}</small>"
 
 
 def _images_note(shown: Sequence[int], images: Optional[ReportImages]) -> str:
@@ -160,26 +162,30 @@ def _images_note(shown: Sequence[int], images: Optional[ReportImages]) -> str:
 
 
 def _examples(scores: TowerScores, ranks: Tuple[np.ndarray, np.ndarray], suffix: str, captions: Sequence[str],
-              labels: Sequence[str], images: Optional[ReportImages], examples: int) -> List[str]:
-    """The two example tables of one set of towers: image queries' top-5 captions, captions' top-5 images."""
+              owner: np.ndarray, labels: Sequence[str], images: Optional[ReportImages], examples: int) -> List[str]:
+    """The two example tables of one set of towers: image queries' top-5 captions, captions' top-5 images.
+
+    owner (C,): the image of each caption (metrics.caption_owners).
+    """
     esc, sims, (ri, rt) = html.escape, scores.sims, ranks
     n = sims.shape[0]
+    first_captions = [captions[j] for j in np.searchsorted(owner, np.arange(n))]
     out = [f"<h2>Image to text: top-5 captions{suffix}</h2><table>"]
     for k in example_queries(examples, n):
-        out.append(f'<tr><td class="q">{_image_cell(k, labels, captions, images)}'
+        out.append(f'<tr><td class="q">{_image_cell(k, labels, first_captions, images)}'
                    f"<br>rank of its best caption: {ri[k] + 1}</td>")
         for j in top_k(sims[k]):
-            ok = j // CAPTIONS_PER_IMAGE == k
+            ok = owner[j] == k
             out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}{esc(captions[j])}'
                        f"<br><small>{sims[k, j]:.3f}</small></td>")
         out.append("</tr>")
     out.append(f"</table><h2>Text to image: top-5 images{suffix}</h2><table>")
-    for j in example_queries(examples, CAPTIONS_PER_IMAGE * n):
+    for j in example_queries(examples, sims.shape[1]):
         out.append(f'<tr><td class="q">{esc(captions[j])}<br>rank of its image: {rt[j] + 1}</td>')
         for k in top_k(sims[:, j]):
-            ok = k == j // CAPTIONS_PER_IMAGE
+            ok = k == owner[j]
             out.append(f'<td class="{"ok" if ok else "no"}">{"&#10003; " if ok else ""}'
-                       f"{_image_cell(k, labels, captions, images)}"
+                       f"{_image_cell(k, labels, first_captions, images)}"
                        f"<br><small>{sims[k, j]:.3f}</small></td>")
         out.append("</tr>")
     out.append("</table>")
@@ -189,24 +195,35 @@ def _examples(scores: TowerScores, ranks: Tuple[np.ndarray, np.ndarray], suffix:
 def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions: Sequence[str],
                 image_labels: Sequence[str], images: Optional[ReportImages] = None,
                 examples: int = 5, ranks: Optional[Tuple[np.ndarray, np.ndarray]] = None, *,
-                towers: str = "", more: Sequence[TowerScores] = ()) -> str:
+                towers: str = "", more: Sequence[TowerScores] = (), caption_counts: Counts = None) -> str:
     """The report page.
 
     Args:
-        results, sims, ranks: the first set of towers' scores (TowerScores).
-        captions: 5N caption texts; image_labels: N names (keys or "image #k").
+        results, sims, ranks: the first set of towers' scores (TowerScores), sims (N, C).
+        captions: C caption texts in the matrix's column order; image_labels: N names (keys or "image #k").
         images: pictures of (some of) the shown images (thumbnails.report_images),
             or None when there are none at hand.
         examples: image queries and caption queries shown.
         towers: the first set's name ("online", "momentum"); said on the page
             unless it is "" or the only set is "online" (the default page).
         more: further sets of towers of the same split, shown after the first.
+        caption_counts: (N,) captions per image, image k's the n_k columns after those of
+            images 0..k-1 (metrics.evaluate); None: 5 per image.
     """
     sets = [TowerScores(towers, results, sims, ranks), *more]
-    n = sims.shape[0]
-    if len(captions) != CAPTIONS_PER_IMAGE * n or len(image_labels) != n:
+    n, c = sims.shape
+    if caption_counts is not None:
+        try:
+            check_counts(sims.shape, caption_counts, "report")
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+    elif c != CAPTIONS_PER_IMAGE * n:
+        raise ValueError(f"report: a {sims.shape} similarity matrix does not hold {CAPTIONS_PER_IMAGE} captions per "
+                         "image; give its caption_counts")
+    if len(captions) != c or len(image_labels) != n:
         raise ValueError(f"report: {len(captions)} captions and {len(image_labels)} image labels given for a "
-                         f"{sims.shape} similarity matrix; expected {CAPTIONS_PER_IMAGE * n} and {n}")
+                         f"{sims.shape} similarity matrix; expected {c} and {n}")
+    owner = caption_owners(caption_counts, c)
     named = len(sets) > 1 or towers not in ("", "online")
     suffix = {s.name: f" ({s.name} towers)" if named else "" for s in sets}
     esc = html.escape
@@ -232,15 +249,17 @@ def render_html(title: str, results: Dict[str, dict], sims: np.ndarray, captions
     out.append("</table>")
     out += [extended_html(s.results.get(EXTENDED), suffix[s.name]) for s in sets]
 
-    all_ranks = [s.ranks if s.ranks is not None else (i2t_ranks(s.sims), t2i_ranks(s.sims)) for s in sets]
+    all_ranks = [s.ranks if s.ranks is not None else
+                 (i2t_ranks(s.sims, caption_counts), t2i_ranks(s.sims, caption_counts)) for s in sets]
+    worst_i2t = c - int(np.bincount(owner, minlength=n).min()) + 1  # 1-based: every wrong caption above
     curves = {}
     for s, (ri, rt) in zip(sets, all_ranks):
-        curves["image to text" + suffix[s.name]] = recall_curve(ri, min(CURVE_MAX_K, CAPTIONS_PER_IMAGE * (n - 1) + 1))
+        curves["image to text" + suffix[s.name]] = recall_curve(ri, min(CURVE_MAX_K, worst_i2t))
         curves["text to image" + suffix[s.name]] = recall_curve(rt, min(CURVE_MAX_K, n))
     out += [f"<h2>Recall@K over the whole split ({n} images)</h2>", recall_svg(curves)]
     out.append(_images_note(shown_images([s.sims for s in sets], examples), images))
     for s, r in zip(sets, all_ranks):
-        out += _examples(s, r, suffix[s.name], captions, image_labels, images, examples)
+        out += _examples(s, r, suffix[s.name], captions, owner, image_labels, images, examples)
     out.append("</body></html>")
     return "\n".join(out)
 
