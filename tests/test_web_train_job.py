@@ -1,48 +1,59 @@
-"""Whole training jobs on web-style shards served by a real HTTP server on 127.0.0.1: two weighted
-sources drawn with replacement, 2 ranks, SIGKILL and resume give the uninterrupted run's batches,
-losses and weights exactly."""
+"""Whole training jobs on web-style shards served by a real HTTP server on 127.0.0.1: the built-in
+web-style set (two weighted sources drawn with replacement) on 2 ranks; SIGKILL and resume give the
+uninterrupted run's losses and weights exactly."""
 import os
+import subprocess
 
 import pytest
 
-from conftest import kill_job
+from conftest import PYTHON, ROOT, child_env, kill_job
 from tests.http_shards import ShardServer, write_web_shards
-from test_train_job import assert_same_tensors, final_state, losses, run, start, tiny_overrides
+from test_train_job import assert_same_tensors, final_state, losses, run, start
 from user_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-TINY_JPG = {"data.mode": "jpg", "data.image_size": 32, "model.image.backbone": "timm:test_vit",
-            "model.mlp_hidden": 16, "model.text.vocab_size": 30522}
+CONFIG = os.path.join(ROOT, "configs", "web_synthetic.yaml")
+# configs/web_synthetic.yaml with test-sized towers (the data keys are the config's own, but for the URLs).
+TINY = {"model.image.backbone": "timm:test_vit", "model.embed_size": 32, "model.mlp_hidden": 16, "model.text.hidden_size": 32, "model.text.num_layers": 1,
+        "model.text.intermediate_size": 64, "queue.size_per_rank": 64, "data.image_size": 32}
 
 
 @pytest.fixture(scope="module")
 def web_root(tmp_path_factory):
+    """The synthetic generator's web sources (120 + 40 images, tars of 30, stats files), and a web
+    validation split without stats files (counted by reading)."""
     root = tmp_path_factory.mktemp("web_http")
-    write_web_shards(str(root / "a"), 4, 30, sizes=(48, 40), seed=1)
-    write_web_shards(str(root / "b"), 2, 15, sizes=(40, 48), seed=2, key_offset=500000, formats=("png", "webp"))
-    write_web_shards(str(root / "val"), 2, 20, sizes=(48, 48), seed=3, key_offset=900000, stats=False)
+    subprocess.run([PYTHON, "-m", "data_shards", "synthetic", "--out", str(root), "--modes", "jpg", "--train-images",
+                    "8", "--val-images", "8", "--test-images", "8", "--shard-size", "8", "--web",
+                    "--web-train-images", "120", "--web-extra-images", "40", "--web-shard-size", "30"],
+                   check=True, cwd=ROOT, env=child_env(), capture_output=True)
+    write_web_shards(str(root / "web" / "val"), 2, 20, sizes=(48, 48), seed=3, key_offset=900000000, stats=False)
     return root
 
 
-def web_overrides(server, tiny_shards, run_root, name, **extra):
-    sources = (f"[{{shards: '{server.url('a/{00000..00003}.tar')}', weight: 0.7, name: a}}, "
-               f"{{shards: '{server.url('b/{00000..00001}.tar')}', weight: 0.3, name: b}}]")
-    return tiny_overrides(tiny_shards, run_root, name, **{
-        **TINY_JPG, "data.train_sources": sources, "data.resampled": "true", "data.train_num_samples": 240,
-        "data.val_shards": server.url("val/{00000..00001}.tar"), "data.shuffle_buffer": 40,
-        "train.batch_size": 12, "train.deterministic": "true", "train.validate_every_epochs": 0, "train.ckpt_every_steps": 6, "train.max_steps": 12,
-        **extra})
+def web_overrides(server, run_root, name, **extra):
+    sources = (f"[{{shards: '{server.url('train/{00000..00003}.tar')}', weight: 0.7, name: train}}, "
+               f"{{shards: '{server.url('extra/{00000..00001}.tar')}', weight: 0.3, name: extra}}]")
+    ov = {**TINY, "data.train_sources": sources, "data.train_num_samples": 240,
+          "data.val_shards": server.url("val/{00000..00001}.tar"), "data.shuffle_buffer": 40,
+          "data.test_shards": server.url("val/{00000..00001}.tar"), "eval.protocols": "[generic]",
+          "eval.batch_size": 20, "train.batch_size": 12, "train.epochs": 2, "train.precision": "fp32",
+          "train.deterministic": "true", "train.ckpt_every_steps": 6, "train.max_steps": 12, "train.log_every": 1,
+          "train.run_root": run_root, "train.run_name": name, "train.dist_timeout_s": 60, **extra}
+    return ["--config", CONFIG, *[f"{k}={v}" for k, v in ov.items()]]
 
 
-def test_a_resampled_http_run_killed_and_resumed_matches_an_uninterrupted_one(web_root, tiny_shards, tmp_path):
-    with ShardServer(str(web_root)) as server:
-        code, out = run("torchrun", web_overrides(server, tiny_shards, tmp_path, "full"))
+def test_web_synthetic_config_over_http_killed_and_resumed_matches_an_uninterrupted_run(web_root, tmp_path):
+    """configs/web_synthetic.yaml (two weighted sources, resampled) read from a loopback HTTP server by
+    2 ranks, SIGKILLed after its step-6 checkpoint and resumed, vs the uninterrupted run."""
+    with ShardServer(str(web_root / "web")) as server:
+        code, out = run("torchrun", web_overrides(server, tmp_path, "full"))
         assert code == 0, out[-3000:]
-        assert "2 web shard(s), 30 samples from img2dataset stats files" in out  # source b, counted from stats
-        # assert "val/{00000..00001}.tar: 2 web shard(s), 40 samples counted by reading" in out
+        assert "2 web shard(s), 40 samples from img2dataset stats files" in out  # the extra source
+        assert "val/{00000..00001}.tar: 2 web shard(s), 40 samples counted by reading" in out
 
-        proc = start("torchrun", web_overrides(server, tiny_shards, tmp_path, "cut"), env={"USER_DIST_FAULT_KILL": "6"})
+        proc = start("torchrun", web_overrides(server, tmp_path, "cut"), env={"USER_DIST_FAULT_KILL": "6"})
         try:
             out, _ = proc.communicate(timeout=300)
         finally:
@@ -51,10 +62,10 @@ def test_a_resampled_http_run_killed_and_resumed_matches_an_uninterrupted_one(we
         cut_dir = tmp_path / "cut"
         assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
 
-        code, out = run("torchrun", web_overrides(server, tiny_shards, tmp_path, "cut", **{"train.resume": "auto"}))
+        code, out = run("torchrun", web_overrides(server, tmp_path, "cut", **{"train.resume": "auto"}))
         assert code == 0, out[-3000:]
         assert "at step 6 " in out and "different data stream" not in out, out[-3000:]
-        assert server.requests["b/00000.tar"] > 0 and server.requests["a/00003.tar"] > 0
+        assert server.requests["extra/00001.tar"] > 0 and server.requests["train/00003.tar"] > 0
 
     full, cut = losses(tmp_path / "full"), losses(cut_dir)
     assert sorted(full) == sorted(cut) == list(range(1, 13))
