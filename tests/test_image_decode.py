@@ -73,11 +73,12 @@ def test_web_style_jpegs_stay_close_to_the_float_reference(web_jpegs):
     assert min(halved) > 33, halved
 
 
-@pytest.mark.parametrize("wh", [(640, 480), (480, 640), (1024, 768), (2000, 1000)])
-def test_large_jpegs_take_the_dct_scaled_path_and_stay_sane(photo, wh):
+@pytest.mark.parametrize("wh,mode", [((640, 480), "RGB"), ((480, 640), "RGB"), ((1024, 768), "RGB"),
+                                     ((2000, 1000), "RGB"), ((640, 480), "L"), ((640, 480), "CMYK")])
+def test_large_jpegs_take_the_dct_scaled_path_and_stay_sane(photo, wh, mode):
     """Sources >= 2x the size on both sides are decoded at 1/2..1/8 scale (PIL draft
     mode); the reduced IDCT rings a little at hard saturated edges: > 40 dB here."""
-    data = encode(Image.fromarray(photo).resize(wh, Image.BICUBIC), "JPEG", quality=90)
+    data = encode(Image.fromarray(photo).resize(wh, Image.BICUBIC).convert(mode), "JPEG", quality=90)
     out = decode_image(data, SIZE)
     check(out)
     assert psnr(out, reference(data, SIZE)) > 40

@@ -321,8 +321,8 @@ def web_decode_rows(tar: str, size: int, seconds: float, rounds: int = 3,
     burst of load from another process on the machine does not favour one of them."""
     images = read_jpegs(tar)
     if not images:
-        raise ValueError(f"{tar}: no 'jpg' members; give an img2dataset tar written with output_format=files/webdataset "
-                         "and encode_format=jpg")
+        raise ValueError(f"{tar}: no 'jpg' members; give an img2dataset tar written with "
+                         "output_format=webdataset and encode_format=jpg")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
