@@ -4,6 +4,7 @@ docstring and ``--help`` say what is measured).
 
     python launch/bench_data.py                       # builds temporary shards first
     python launch/bench_data.py --regions DIR --jpg DIR --seconds 20
+    python launch/bench_data.py --web --web-images 500 --seconds 4   # web-style JPEG decoders
 """
 import os
 import sys
