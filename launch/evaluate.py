@@ -209,10 +209,12 @@ class CheckpointEvaluator:
         load_config(None, overrides)  # a bad override is the user's error for every checkpoint: fail now
         if towers not in TOWERS:
             raise ValueError(f"towers must be one of {', '.join(TOWERS)}, got {towers!r}")
-        if images_from:
+        if images_from:  # a wrong location fails now, not after encoding
             from user_dist.data_format import load_manifest
+            from user_dist.sources import check_location, is_manifest_folder
 
-            if not load_manifest(images_from).has("jpg"):  # a wrong folder fails now, not after encoding
+            check_location(images_from, "--images-from")
+            if is_manifest_folder(images_from) and not load_manifest(images_from).has("jpg"):
                 raise ValueError(f"--images-from {images_from}: not a jpg shard folder (its manifest lists "
                                  f"{', '.join(load_manifest(images_from).members)})")
         self.shards, self.overrides = shards, list(overrides)

@@ -1,9 +1,10 @@
 """Pictures for the report page: small JPEG thumbnails of chosen split images.
 
 The report shows images by their position in the evaluated split. Their
-pictures come from jpg shards:
+pictures come from image shards (jpg shards, or web tars in the img2dataset
+layout with jpg / jpeg / png / webp members: user_dist/sources.py):
 
-- the evaluated shards themselves when they hold ``jpg`` members (read by
+- the evaluated shards themselves when they hold images (read by
   position: the split order is the shards' order);
 - otherwise a jpg shard folder given by the user (``--images-from``), for
   example the jpg shards of the same split beside the region shards that
@@ -22,8 +23,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
-from user_dist.data_format import (Manifest, RawSample, ShardError, decode_json, image_id_to_int,
-                                   iter_raw_samples, load_manifest, member)
+from user_dist.data_format import RawSample, ShardError, decode_json, image_id_to_int, iter_raw_samples, member
+from user_dist.sources import Split, open_split
+from user_dist.web_shards import image_member, web_metadata
 
 THUMBNAIL_PX = 112  # longest side, pixels
 JPEG_QUALITY = 80
@@ -54,16 +56,16 @@ def jpeg_data_uri(jpg: bytes, px: int = THUMBNAIL_PX) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _raw_at(manifest: Manifest, positions: Iterable[int]) -> Iterator[Tuple[int, RawSample]]:
+def _raw_at(split: Split, positions: Iterable[int]) -> Iterator[Tuple[int, RawSample]]:
     """(position, raw sample) for the wanted split positions, opening only the shards that hold them."""
     wanted = sorted(set(positions))
-    starts = list(itertools.accumulate([s.num_samples for s in manifest.shards], initial=0))
-    for k, shard in enumerate(manifest.shards):
+    starts = list(itertools.accumulate([s.num_samples for s in split.shards], initial=0))
+    for k, shard in enumerate(split.shards):
         inside = [p for p in wanted if starts[k] <= p < starts[k + 1]]
         if not inside:
             continue
         want = set(inside)
-        for i, raw in enumerate(iter_raw_samples(manifest.shard_path(shard)), start=starts[k]):
+        for i, raw in enumerate(iter_raw_samples(shard.url), start=starts[k]):
             if i in want:
                 yield i, raw
                 want.discard(i)
@@ -74,23 +76,31 @@ def _raw_at(manifest: Manifest, positions: Iterable[int]) -> Iterator[Tuple[int,
 def _readable(raw: RawSample) -> Optional[str]:
     """The sample's picture as a data URI, None when it has none or it is not a readable image."""
     try:
-        return jpeg_data_uri(member(raw, "jpg"))
+        return jpeg_data_uri(member(raw, "jpg" if "jpg" in raw.members else image_member(raw)))
     except Exception:  # noqa: BLE001 - a missing or damaged picture only costs the page one thumbnail
         return None
 
 
-def _check_jpg(manifest: Manifest, what: str) -> None:
-    if not manifest.has("jpg"):
-        raise ShardError(f"{manifest.folder}: {what} must be jpg shards, but these hold "
-                         f"{', '.join(manifest.members)}; point it at the jpg shard folder of the split")
+def _check_jpg(split: Split, what: str) -> None:
+    if not split.has("jpg"):
+        raise ShardError(f"{split.spec}: {what} must be image shards, but these hold "
+                         f"{', '.join(split.members)}; point it at the jpg shard folder of the split")
+
+
+def _split(spec: str) -> Split:
+    return open_split(spec, "the report's image shards", count="read")
+
+
+def _image_id(split: Split, raw: RawSample) -> int:
+    return image_id_to_int(web_metadata(raw)[0] if split.layout == "web" else decode_json(raw)["image_id"])
 
 
 def images_by_position(split_dir: str, positions: Iterable[int]) -> ReportImages:
-    """Pictures of jpg shards of the evaluated split itself, read by split position."""
-    manifest = load_manifest(split_dir)
-    _check_jpg(manifest, "the evaluated shards")
+    """Pictures of image shards of the evaluated split itself, read by split position."""
+    split = _split(split_dir)
+    _check_jpg(split, "the evaluated shards")
     out = ReportImages(split_dir)
-    for i, raw in _raw_at(manifest, positions):
+    for i, raw in _raw_at(split, positions):
         uri = _readable(raw)
         if uri is not None:
             out.uris[i] = uri
@@ -99,7 +109,8 @@ def images_by_position(split_dir: str, positions: Iterable[int]) -> ReportImages
 
 def image_ids(split_dir: str, positions: Iterable[int]) -> Dict[int, int]:
     """Split position -> image id (as ``image_id_to_int`` makes it), from the samples' JSON."""
-    return {i: image_id_to_int(decode_json(raw)["image_id"]) for i, raw in _raw_at(load_manifest(split_dir), positions)}
+    split = _split(split_dir)
+    return {i: _image_id(split, raw) for i, raw in _raw_at(split, positions)}
 
 
 def images_by_id(images_dir: str, ids: Mapping[int, int]) -> ReportImages:
@@ -110,16 +121,16 @@ def images_by_id(images_dir: str, ids: Mapping[int, int]) -> ReportImages:
         ids: split position -> image id of the evaluated split.
     The folder is read in order until every wanted id is found (all of it when some are absent).
     """
-    manifest = load_manifest(images_dir)
-    _check_jpg(manifest, "--images-from")
+    split = _split(images_dir)
+    _check_jpg(split, "--images-from")
     positions: Dict[int, list] = {}
     for pos, image_id in ids.items():
         positions.setdefault(image_id, []).append(pos)
     out = ReportImages(images_dir)
-    for shard in manifest.shards:
-        for raw in iter_raw_samples(manifest.shard_path(shard)):
+    for shard in split.shards:
+        for raw in iter_raw_samples(shard.url):
             try:
-                image_id = image_id_to_int(decode_json(raw)["image_id"])
+                image_id = _image_id(split, raw)
             except (ShardError, TypeError):
                 continue  # an unreadable sample of the picture folder: its image stays without a picture
             if image_id in positions:
@@ -140,6 +151,6 @@ def report_images(split_dir: str, positions: Iterable[int], images_from: str = "
     positions = sorted(set(positions))
     if images_from:
         return images_by_id(images_from, image_ids(split_dir, positions))
-    if load_manifest(split_dir).has("jpg"):
+    if _split(split_dir).has("jpg"):
         return images_by_position(split_dir, positions)
     return None
