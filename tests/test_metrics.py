@@ -34,7 +34,11 @@ def reference_ranks(sims):
 
 
 def reference_metrics(sims):
-    i2t, t2i = reference_ranks(sims)
+    return metrics_from_ranks(*reference_ranks(sims))
+
+
+def metrics_from_ranks(i2t, t2i):
+    """The metric dict of 0-based rank vectors, computed plainly (R@K, medr, meanr, rsum)."""
     out = {}
     for name, r in (("i2t", i2t), ("t2i", t2i)):
         for k in (1, 5, 10):

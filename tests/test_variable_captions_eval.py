@@ -18,6 +18,7 @@ import torch
 
 from conftest import PYTHON, ROOT, child_env, run_gloo_ranks
 from test_evaluate_cli import TINY, job, model_checkpoint
+from test_metrics import metrics_from_ranks
 from user_dist.evaluation import metrics
 from user_dist.evaluation.metrics import (METRIC_KEYS, ProtocolError, check_shape, evaluate, i2t_ranks,
                                           i2t_ranks_torch, t2i_ranks, t2i_ranks_torch)
@@ -51,15 +52,7 @@ def brute_force_ranks(sims, counts):
 
 
 def brute_force_metrics(sims, counts):
-    i2t, t2i = brute_force_ranks(sims, counts)
-    out = {}
-    for name, r in (("i2t", i2t), ("t2i", t2i)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * np.mean(r < k)
-        out[f"{name}_medr"] = np.floor(np.median(r)) + 1
-        out[f"{name}_meanr"] = np.mean(r) + 1
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
+    return metrics_from_ranks(*brute_force_ranks(sims, counts))
 
 
 def random_case(seed, n, levels=None, max_captions=7):

@@ -621,9 +621,11 @@ def train_sources(data_cfg: DataConfig) -> List[TrainSource]:
 def epoch_pairs(data_cfg: DataConfig, sources: Optional[Sequence[TrainSource]] = None) -> int:
     """(image, caption) pairs of one training epoch: every caption of every source once, or with
     data.resampled data.train_num_samples (default: all sources' samples)."""
+    if data_cfg.resampled and data_cfg.train_num_samples:
+        return data_cfg.train_num_samples  # known without reading a source (--print-plan)
     sources = train_sources(data_cfg) if sources is None else sources
     if data_cfg.resampled:
-        return data_cfg.train_num_samples or sum(src.split.num_samples for src in sources)
+        return sum(src.split.num_samples for src in sources)
     return sum(src.split.num_pairs for src in sources)
 
 
