@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 CONFIG = os.path.join(ROOT, "configs", "web_synthetic.yaml")
 # configs/web_synthetic.yaml with test-sized towers (the data keys are the config's own, but for the URLs).
-TINY = {"model.image.backbone": "timm:test_vit", "model.embed_size": 32, "model.mlp_hidden": 16, "model.text.hidden_size": 32, "model.text.num_layers": 1,
+TINY = {"model.embed_size": 32, "model.mlp_hidden": 16, "model.text.hidden_size": 32, "model.text.num_layers": 1,
         "model.text.intermediate_size": 64, "queue.size_per_rank": 64, "data.image_size": 32}
 
 

@@ -9,7 +9,8 @@ Layout of one checkpoint (see docs/architecture.md):
         config.yaml           the run's resolved config
         meta.json             CheckpointMeta: step, epoch, step_in_epoch, samples,
                               world_size, global_batch, zero_stage, queue layout, time
-        user_state/rank_00000.pt   per rank: queue shard, RNG states, counters
+        user_state/rank_00000.pt   per rank: queue shard, RNG states, counters, the
+                              rank's own buffers (BatchNorm statistics, online and key)
         universal/            only after a ZeRO 1-2 resume on another number of ranks:
                               the engine state in DeepSpeed's universal format
         <deepspeed files>     engine state: module, optimiser, scheduler (client_state unused)

@@ -5,8 +5,11 @@ most updates).
     theta_k <- m theta_k + (1 - m) theta_q        once per optimiser step
 
 Created as a deep copy of the online model, broadcast from rank 0 so every
-rank starts identical, and kept identical by identical updates. The frozen
-online CLIP (if any) is shared, not copied: it never changes.
+rank starts identical; the weights are kept identical by identical updates.
+Buffers are not: each rank's online BatchNorm statistics average its own
+batches, and so do the key towers' (below), so a checkpoint keeps every
+rank's (TrainStep.checkpoint_state). The frozen online CLIP (if any) is
+shared, not copied: it never changes.
 
 Keys are produced in eval mode by default (no dropout, BatchNorm running
 statistics); ``queue.key_train_mode`` reproduces the reference (train mode).

@@ -109,7 +109,8 @@ def restore(plan: ResumePlan, step, train: TrainConfig, data_fingerprint: Option
         step.queue.load_state_dict(own["queue"])
     if plan.reshard:
         # New ranks, new streams: per-rank dropout noise seeded afresh (and
-        # apart from this run's start), the queue laid out on the new ranks.
+        # apart from this run's start), the queue laid out on the new ranks,
+        # rank 0's BatchNorm statistics on every rank (engine, key towers).
         rng.seed_rank(train.seed, rank, salt=saved.step)
         log.warning("resuming %s, written by %d ranks, on %d: the global batch (%d) and the LR schedule "
                     "carry over; the negative pool is %d slots (was %d), %d entries kept, the newest; "
@@ -117,6 +118,13 @@ def restore(plan: ResumePlan, step, train: TrainConfig, data_fingerprint: Option
                     plan.path, saved.world_size, plan.layout.world_size, saved.global_batch, step.queue.pool_size,
                     saved.world_size * saved.queue_size_per_rank, step.queue.fill)
     else:
+        # The engine and the key towers gave every rank rank 0's buffers: each
+        # takes back its own BatchNorm statistics (TrainStep.checkpoint_state).
+        if "buffers" in own:
+            step.load_rank_buffers(own["buffers"])
+        elif saved.world_size > 1:
+            log.warning("%s holds no per-rank buffers (written by an older version): every rank continues "
+                        "with rank 0's BatchNorm statistics, if the model has any", plan.path)
         rng.restore(own["rng"])
         if plan.queue_relayout:
             log.warning("resuming %s with queue.size_per_rank %d (was %d), queue.mode %s (was %s): the negative "

@@ -377,5 +377,38 @@ class TrainStep:
         return None if norm is None else float(norm)
 
     def checkpoint_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-        """(the key towers' state, this rank's own state) for a checkpoint."""
-        return self.momentum.state_dict(), {"queue": self.queue.state_dict()}
+        """(the key towers' state, this rank's own state) for a checkpoint.
+
+        This rank's own state holds its queue shard and its buffers, online
+        and key towers (:meth:`load_rank_buffers`): BatchNorm running
+        statistics average each rank's own batches (DeepSpeed keeps the
+        parameters identical across ranks, not the buffers), and the key
+        towers' follow the online ones, while the engine's checkpoint and
+        momentum.pt hold rank 0's only.
+        """
+        buffers = {"online": _own_buffers(self.engine.module), "keys": _own_buffers(self.momentum.module)}
+        return self.momentum.state_dict(), {"queue": self.queue.state_dict(), "buffers": buffers}
+
+    def load_rank_buffers(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Put back this rank's buffers saved by :meth:`checkpoint_state` (a
+        resume on the ranks that saved), after the engine and the key towers
+        were loaded (which gave every rank rank 0's). Copied in place, bit for
+        bit: the key towers' EMA pairs keep pointing at the online buffers."""
+        for part, module in (("online", self.engine.module), ("keys", self.momentum.module)):
+            own = dict(module.named_buffers())
+            unknown = sorted(state[part].keys() - own.keys())
+            if unknown:
+                raise ValueError(f"the checkpoint's {part} buffers {unknown[:3]} are not in this model: was it "
+                                 "saved with a different model config?")
+            with torch.no_grad():
+                for name, value in state[part].items():
+                    own[name].copy_(value)
+
+
+def _own_buffers(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A module's persistent buffers (BatchNorm running statistics and
+    counts), CPU copies; the shared frozen CLIP's (``clip.``, identical on
+    every rank) left out."""
+    buffers = {name for name, _ in module.named_buffers()}
+    return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()
+            if name in buffers and not name.startswith("clip.")}
