@@ -85,6 +85,23 @@ def assert_same_tensors(a, b, what):
             assert a[k] == b[k], f"{what}: {k} differs"
 
 
+def assert_resumed_run_matches(full_dir, cut_dir, steps: int, epoch: int) -> dict:
+    """A killed-and-resumed 2-rank run (cut_dir) against the uninterrupted one: the same logged loss
+    at every step, online and momentum towers and both ranks' queue shards bit for bit at the end.
+    Returns the uninterrupted run's losses (step -> loss)."""
+    full, cut = losses(full_dir), losses(cut_dir)
+    assert sorted(full) == sorted(cut) == list(range(1, steps + 1))
+    assert [full[s] for s in range(1, steps + 1)] == [cut[s] for s in range(1, steps + 1)]
+    meta_a, model_a, mom_a, q_a = final_state(full_dir)
+    meta_b, model_b, mom_b, q_b = final_state(cut_dir)
+    assert meta_a.step == meta_b.step == steps and meta_a.epoch == meta_b.epoch == epoch
+    assert_same_tensors(model_a, model_b, "online towers")
+    assert_same_tensors(mom_a, mom_b, "momentum towers")
+    for r in (0, 1):
+        assert_same_tensors(q_a[r], q_b[r], f"queue shard of rank {r}")
+    return full
+
+
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_path):
     """2 ranks, 12 steps across an epoch boundary (10 steps/epoch) with a
     validation, vs the same run killed (SIGKILL) after its step-6 checkpoint
@@ -113,16 +130,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     assert code == 0, out[-3000:]
     assert "resumed from" in out and "at step 6 " in out, "\n".join(l for l in out.splitlines() if "INFO" in l)
 
-    full, cut = losses(tmp_path / "full"), losses(cut_dir)
-    assert sorted(full) == list(range(1, 13)) and sorted(cut) == list(range(1, 13))
-    assert [full[s] for s in range(1, 13)] == [cut[s] for s in range(1, 13)]
-    meta_a, model_a, mom_a, q_a = final_state(tmp_path / "full")
-    meta_b, model_b, mom_b, q_b = final_state(cut_dir)
-    assert meta_a.step == meta_b.step == 12 and meta_a.epoch == meta_b.epoch == 1
-    assert_same_tensors(model_a, model_b, "online towers")
-    assert_same_tensors(mom_a, mom_b, "momentum towers")
-    for r in (0, 1):
-        assert_same_tensors(q_a[r], q_b[r], f"queue shard of rank {r}")
+    full = assert_resumed_run_matches(tmp_path / "full", cut_dir, steps=12, epoch=1)
     # The run did learn something and validated at the epoch boundary.
     assert full[12] < full[1]
     with open(tmp_path / "full" / "train_log.jsonl") as f:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import PYTHON, ROOT, child_env, kill_job
 from tests.http_shards import ShardServer, write_web_shards
-from test_train_job import assert_same_tensors, final_state, losses, run, start
+from test_train_job import assert_resumed_run_matches, run, start
 from user_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -67,13 +67,4 @@ def test_web_synthetic_config_over_http_killed_and_resumed_matches_an_uninterrup
         assert "at step 6 " in out and "different data stream" not in out, out[-3000:]
         assert server.requests["extra/00001.tar"] > 0 and server.requests["train/00003.tar"] > 0
 
-    full, cut = losses(tmp_path / "full"), losses(cut_dir)
-    assert sorted(full) == sorted(cut) == list(range(1, 13))
-    assert [full[s] for s in range(1, 13)] == [cut[s] for s in range(1, 13)]
-    meta_a, model_a, mom_a, q_a = final_state(tmp_path / "full")
-    meta_b, model_b, mom_b, q_b = final_state(cut_dir)
-    assert meta_a.step == meta_b.step == 12 and meta_a.epoch == meta_b.epoch == 1
-    assert_same_tensors(model_a, model_b, "online towers")
-    assert_same_tensors(mom_a, mom_b, "momentum towers")
-    for r in (0, 1):
-        assert_same_tensors(q_a[r], q_b[r], f"queue shard of rank {r}")
+    assert_resumed_run_matches(tmp_path / "full", cut_dir, steps=12, epoch=1)
