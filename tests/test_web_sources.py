@@ -49,10 +49,11 @@ def test_counts_come_from_stats_then_config_else_an_error_naming_the_key(web, tm
     spec = str(web / "a" / "{00000..00003}.tar")
     split = open_split(spec)
     assert (split.layout, split.counted, split.num_samples, split.num_pairs) == ("web", "stats", 48, 48)
-    assert open_split(spec, num_samples=50).counted == "config"
-    assert [s.num_samples for s in open_split(spec, num_samples=50).shards] == [12, 13, 12, 13]
+    assert open_split(spec, num_samples=50).counted == "stats"  # the stats files win over a count given
     bare = tmp_path / "bare"
     shutil.copytree(web / "a", bare, ignore=shutil.ignore_patterns("*_stats.json"))
+    given = open_split(str(bare / "{00000..00003}.tar"), num_samples=50)
+    assert given.counted == "config" and [s.num_samples for s in given.shards] == [12, 13, 12, 13]
     with pytest.raises(ShardError, match=r"4 of 4 shard\(s\) have no img2dataset stats file.*data.train_num_samples"):
         open_split(str(bare / "{00000..00003}.tar"))
     assert open_split(str(bare / "{00000..00003}.tar"), count="read").num_samples == 48

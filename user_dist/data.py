@@ -615,7 +615,8 @@ def train_sources(data_cfg: DataConfig) -> List[TrainSource]:
                               "manifest gives its sample count: remove it (to train fewer steps set "
                               "train.max_steps) or set data.resampled=true to make it the epoch's size")
         count = 0  # resampled: the epoch's size, read in train_loader
-    return [TrainSource(cached_split(spec, "data.train_shards", data_cfg, num_samples=count), 1.0, "")]
+    return [TrainSource(cached_split(spec, "data.train_shards", data_cfg, num_samples=count,
+                                     warn_ignored_count=not data_cfg.resampled), 1.0, "")]
 
 
 def epoch_pairs(data_cfg: DataConfig, sources: Optional[Sequence[TrainSource]] = None) -> int:

@@ -9,16 +9,17 @@ A location (``data.train_shards``, ``val_shards``, ``test_shards`` or a
   manifest (layout ``"web"``): a brace pattern (``web/{00000..00999}.tar``), a
   URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:COMMAND``;
   user_dist/remote.py), several of them joined by ``::`` (open_clip's
-  notation). Sample counts come, in this order, from the count the config
-  gives (``data.train_num_samples`` / a source's ``num_samples``, shared
-  evenly over the shards), from img2dataset's ``NAME_stats.json`` beside every
-  tar, or (evaluation splits only, ``count="read"``) from reading the shards.
-  Without any, :class:`ShardError` says which to give.
+  notation). Sample counts come, in this order, from img2dataset's
+  ``NAME_stats.json`` beside every tar, from the count the config gives
+  (``data.train_num_samples`` / a source's ``num_samples``, shared evenly
+  over the shards), or (evaluation splits only, ``count="read"``) from
+  reading the shards. Without any, :class:`ShardError` says which to give.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -27,6 +28,8 @@ from user_dist.data_format import (MANIFEST, Manifest, ShardError, iter_raw_samp
                                    load_manifest)
 from user_dist.remote import is_url, local_path, read_small
 from user_dist.web_shards import count_from_stats, stats_url
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,12 @@ def check_location(spec: str, key: str) -> None:
 
 
 def open_split(spec: str, key: str = "data.train_shards", *, num_samples: int = 0, count: str = "stats",
-               source: int = 0, timeout: float = 60.0, retries: int = 3) -> Split:
+               source: int = 0, timeout: float = 60.0, retries: int = 3, warn_ignored_count: bool = True) -> Split:
     """Resolve a location into a Split (module docstring).
 
-    num_samples: the location's sample count when the config gives one (0: find it).
-    count: "stats" (a manifest, the config's count or *_stats.json, else an error) or "read" (also
+    num_samples: the location's sample count when the config gives one (0: find it); stats files win
+        (with a warning unless not warn_ignored_count: a resampled epoch's size is no count).
+    count: "stats" (a manifest, *_stats.json or the config's count, else an error) or "read" (also
     count by reading the tars: evaluation splits, where positions must be exact).
     Raises:
         ShardError: naming `key`, e.g. no count available, a bad stats file, missing shards.
@@ -160,16 +164,19 @@ def open_split(spec: str, key: str = "data.train_shards", *, num_samples: int = 
                        for s in manifest.shards)
         return Split(spec, "manifest", shards, "manifest", manifest)
     urls = expand(spec)
+    counts_or_none = [_stats_count(u, timeout, retries) for u in urls]
+    missing = [u for u, c in zip(urls, counts_or_none) if c is None]
+    if not missing:
+        if num_samples and warn_ignored_count and num_samples != sum(counts_or_none):
+            log.warning("%s: the img2dataset stats files count %d samples; they are used, not the %d that %s "
+                        "gives", spec, sum(counts_or_none), num_samples, count_key(key))
+        return Split(spec, "web", _web_shards(urls, counts_or_none, source), "stats")
     if num_samples:
         if num_samples < len(urls):
             raise ShardError(f"{key} '{spec}': {num_samples} samples for {len(urls)} shards; give the count of "
                              "all shards together (at least one sample per shard)")
         counts = [num_samples * (i + 1) // len(urls) - num_samples * i // len(urls) for i in range(len(urls))]
         return Split(spec, "web", _web_shards(urls, counts, source), "config")
-    counts_or_none = [_stats_count(u, timeout, retries) for u in urls]
-    missing = [u for u, c in zip(urls, counts_or_none) if c is None]
-    if not missing:
-        return Split(spec, "web", _web_shards(urls, counts_or_none, source), "stats")
     if count == "read":
         counts = [c if c is not None else count_samples(u, timeout, retries) for u, c in zip(urls, counts_or_none)]
         return Split(spec, "web", _web_shards(urls, counts, source), "read")
