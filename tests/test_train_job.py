@@ -85,6 +85,21 @@ def assert_same_tensors(a, b, what):
             assert a[k] == b[k], f"{what}: {k} differs"
 
 
+def killed_after_checkpoint(overrides, run_root, step: int):
+    """Run a 2-rank torchrun job whose ranks SIGKILL themselves right after the step-``step``
+    checkpoint (a test hook: an outside kill on seeing that checkpoint raced the next ~0.2 s
+    steps); returns its run folder, whose newest checkpoint is that one."""
+    proc = start("torchrun", overrides, env={"USER_DIST_FAULT_KILL": str(step)})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_job(proc, f"train.run_root={run_root} ")
+    assert proc.returncode != 0 and f"kills itself after step {step}" in out, out[-3000:]
+    run_dir = run_root / next(o.split("=", 1)[1] for o in overrides if o.startswith("train.run_name="))
+    assert os.path.basename(ckpt.latest_checkpoint(str(run_dir / "checkpoints"))) == f"step_{step:08d}"
+    return run_dir
+
+
 def assert_resumed_run_matches(full_dir, cut_dir, steps: int, epoch: int) -> dict:
     """A killed-and-resumed 2-rank run (cut_dir) against the uninterrupted one: the same logged loss
     at every step, online and momentum towers and both ranks' queue shards bit for bit at the end.
@@ -114,17 +129,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_shards, tmp_pa
     # under its own launcher) were left behind by every job: no more.
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
 
-    # Every rank SIGKILLs itself right after the step-6 checkpoint (test hook):
-    # an outside kill on seeing that checkpoint raced the next ~0.2 s steps.
-    proc = start("torchrun", tiny_overrides(tiny_shards, tmp_path, "cut", **common),
-                 env={"USER_DIST_FAULT_KILL": "6"})
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        kill_job(proc, f"train.run_root={tmp_path} ")
-    assert proc.returncode != 0 and "kills itself after step 6" in out, out[-3000:]
-    cut_dir = tmp_path / "cut"
-    assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
+    cut_dir = killed_after_checkpoint(tiny_overrides(tiny_shards, tmp_path, "cut", **common), tmp_path, 6)
 
     code, out = run("deepspeed", tiny_overrides(tiny_shards, tmp_path, "cut", **common, **{"train.resume": "auto"}))
     assert code == 0, out[-3000:]

@@ -6,10 +6,9 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT, child_env, kill_job
+from conftest import PYTHON, ROOT, child_env
 from tests.http_shards import ShardServer, write_web_shards
-from test_train_job import assert_resumed_run_matches, run, start
-from user_dist import checkpoint as ckpt
+from test_train_job import assert_resumed_run_matches, killed_after_checkpoint, run
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +52,7 @@ def test_web_synthetic_config_over_http_killed_and_resumed_matches_an_uninterrup
         assert "2 web shard(s), 40 samples from img2dataset stats files" in out  # the extra source
         assert "val/{00000..00001}.tar: 2 web shard(s), 40 samples counted by reading" in out
 
-        proc = start("torchrun", web_overrides(server, tmp_path, "cut"), env={"USER_DIST_FAULT_KILL": "6"})
-        try:
-            out, _ = proc.communicate(timeout=300)
-        finally:
-            kill_job(proc, f"train.run_root={tmp_path} ")
-        assert proc.returncode != 0 and "kills itself after step 6" in out, out[-3000:]
-        cut_dir = tmp_path / "cut"
-        assert os.path.basename(ckpt.latest_checkpoint(str(cut_dir / "checkpoints"))) == "step_00000006"
+        cut_dir = killed_after_checkpoint(web_overrides(server, tmp_path, "cut"), tmp_path, 6)
 
         code, out = run("torchrun", web_overrides(server, tmp_path, "cut", **{"train.resume": "auto"}))
         assert code == 0, out[-3000:]
