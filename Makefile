@@ -1,7 +1,8 @@
 # user-dist: the two commands a new user needs.
 #   make demo   builds the synthetic shards, trains 2 processes, evaluates
-#   make test   runs the whole test suite (the cluster tests skip without Slurm,
-#               munge, sshd and pdsh, naming the apt-get command; see README.md)
+#   make test   runs the test suite (the cluster tests skip without Slurm,
+#               munge, sshd and pdsh, naming the apt-get command; see README.md),
+#               all but the few marked long; make test-all runs those too
 # Both create .venv on first use and reuse it afterwards.
 
 PY      ?= python3
@@ -16,7 +17,7 @@ export PYTHONPATH := $(abspath .)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo shards clean-demo docs
+.PHONY: venv test test-all test-fast demo shards clean-demo docs
 
 venv: $(STAMP)
 
@@ -30,6 +31,9 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VPY) -m pytest tests -m "not long" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -217,6 +217,7 @@ def test_train_step_with_checkpointing_trains_like_without(zero):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_compiled_towers_checkpoint_and_train_like_without():
     """train.compile=default (inductor on the CPU) with checkpointing: the
     checkpointed regions compile (Dynamo refuses the eager path's
@@ -243,6 +244,7 @@ TINY_JPG = ["data.mode=jpg", "data.image_size=32", "model.image.backbone=timm:te
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_memory_benchmark_probes_jpg_steps_and_kills_a_probe_over_the_cap(tmp_path):
     """launch/bench_memory.py: each probe a fresh process running real steps
     (jpg mode here, both variants), and a probe past the cap killed."""

@@ -58,6 +58,7 @@ def test_own_clipping_updates_the_weights_like_deepspeeds_clipping():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_compiled_towers_train_like_eager_ones():
     """train.compile=default (inductor on the CPU here; towers and loss): the
     same losses and gradient norms over three steps, the same checkpoint
