@@ -122,7 +122,7 @@ class SampleReader:
 
     def __init__(self, split: Union[Split, Manifest], data_cfg: DataConfig, namespace: str = ""):
         if isinstance(split, Manifest):
-            split = open_split(split.folder, "the shard folder")
+            split = Split.of_manifest(split)
         need = "regions.npy" if data_cfg.mode == "regions" else "jpg"
         if not split.has(need):
             what = "web shards hold images and captions only (no region features)" if split.layout == "web" else \
@@ -205,10 +205,6 @@ class SourceReaders:
 
     def samples(self, shard: Shard) -> Iterator[Sample]:
         return self.readers[shard.source].samples(shard)
-
-    @property
-    def skipped(self) -> int:
-        return sum(r.policy.skipped for r in self.readers)
 
 
 # --------------------------------------------------------------------------- batches
@@ -407,7 +403,7 @@ class TrainPlan:
                     produced += 1
                     yield pair
             if produced == 0:
-                raise ShardError(f"no readable sample in {[s.name for s in self.worker_shards[worker]]} (all "
+                raise ShardError(f"no readable sample in {[s.url for s in self.worker_shards[worker]]} (all "
                                  "skipped as bad); rebuild these shards")
 
     def resampled_pairs(self, worker: int, reader: SampleReader) -> Iterator[Tuple[Sample, int]]:

@@ -28,6 +28,10 @@ import urllib.request
 from typing import BinaryIO, Iterator, Optional
 from urllib.parse import urlparse
 
+class NotFound(FileNotFoundError):
+    """The shard or file does not exist there (a missing local file, HTTP 404 / 403 / 410)."""
+
+
 # A finished pipe: command's output is read this far past the tar's end (its padding is at most
 # one 10 KiB record) before the command is stopped rather than waited for.
 _DRAIN_READS, _DRAIN_BYTES = 4, 1 << 14
@@ -109,6 +113,8 @@ def _open_http(url: str, timeout: float, retries: int):
         try:
             response = urllib.request.urlopen(url, timeout=timeout)
         except urllib.error.HTTPError as exc:
+            if exc.code in (403, 404, 410):
+                raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from exc
             if exc.code not in _RETRY_STATUS or attempt == retries:
                 raise OSError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, OSError) as exc:
@@ -132,6 +138,8 @@ def open_shard(url: str, timeout: float = 60.0, retries: int = 3) -> Iterator[Bi
     if path is not None:
         try:
             stream = open(path, "rb", buffering=1 << 20)
+        except FileNotFoundError as exc:
+            raise NotFound(f"{url}: no such file") from exc
         except OSError as exc:
             raise OSError(f"{url}: cannot open ({exc.strerror or exc})") from exc
     elif url.startswith("pipe:"):
@@ -146,6 +154,8 @@ def open_shard(url: str, timeout: float = 60.0, retries: int = 3) -> Iterator[Bi
                           "pip install 'user-dist[remote]' (s3fs, gcsfs)") from exc
         try:
             stream = fsspec.open(url, "rb").open()
+        except FileNotFoundError as exc:
+            raise NotFound(f"{url}: no such object") from exc
         except (ImportError, ValueError) as exc:
             raise OSError(f"{url}: fsspec cannot open this URL ({exc}); pip install 'user-dist[remote]' or the "
                           "filesystem's package") from exc
@@ -167,7 +177,5 @@ def read_small(url: str, timeout: float = 60.0, retries: int = 3) -> Optional[by
     try:
         with open_shard(url, timeout, retries) as f:
             return f.read()
-    except OSError as exc:
-        if re.search(r": HTTP (404|403|410) ", str(exc)) or isinstance(exc.__cause__, FileNotFoundError):
-            return None
-        raise
+    except NotFound:
+        return None

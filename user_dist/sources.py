@@ -43,9 +43,6 @@ class Shard:
     sha256: str = ""      # manifests only
     source: int = 0       # index of its source in data.train_sources (0 for a single location)
 
-    @property
-    def name(self) -> str:
-        return self.url
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,13 @@ class Split:
     shards: Tuple[Shard, ...]
     counted: str
     manifest: Optional[Manifest] = None
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest, source: int = 0) -> "Split":
+        """A manifest folder's Split (counts, captions and checksums from the manifest)."""
+        shards = tuple(Shard(manifest.shard_path(s), s.num_samples, s.num_captions, s.max_captions, s.sha256, source)
+                       for s in manifest.shards)
+        return cls(manifest.folder, "manifest", shards, "manifest", manifest)
 
     @property
     def num_samples(self) -> int:
@@ -160,9 +164,7 @@ def open_split(spec: str, key: str = "data.train_shards", *, num_samples: int = 
             raise ShardError(f"{key} '{spec}' has a manifest, which gives its {manifest.num_samples} samples; "
                              "a sample count for it is for web shards only (remove it; to train for fewer steps "
                              "set train.max_steps)")
-        shards = tuple(Shard(manifest.shard_path(s), s.num_samples, s.num_captions, s.max_captions, s.sha256, source)
-                       for s in manifest.shards)
-        return Split(spec, "manifest", shards, "manifest", manifest)
+        return Split.of_manifest(manifest, source)
     urls = expand(spec)
     counts_or_none = [_stats_count(u, timeout, retries) for u in urls]
     missing = [u for u, c in zip(urls, counts_or_none) if c is None]

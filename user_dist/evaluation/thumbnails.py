@@ -95,11 +95,10 @@ def _image_id(split: Split, raw: RawSample) -> int:
     return image_id_to_int(web_metadata(raw)[0] if split.layout == "web" else decode_json(raw)["image_id"])
 
 
-def images_by_position(split_dir: str, positions: Iterable[int]) -> ReportImages:
+def images_by_position(split: Split, positions: Iterable[int]) -> ReportImages:
     """Pictures of image shards of the evaluated split itself, read by split position."""
-    split = _split(split_dir)
     _check_jpg(split, "the evaluated shards")
-    out = ReportImages(split_dir)
+    out = ReportImages(split.spec)
     for i, raw in _raw_at(split, positions):
         uri = _readable(raw)
         if uri is not None:
@@ -107,9 +106,8 @@ def images_by_position(split_dir: str, positions: Iterable[int]) -> ReportImages
     return out
 
 
-def image_ids(split_dir: str, positions: Iterable[int]) -> Dict[int, int]:
+def image_ids(split: Split, positions: Iterable[int]) -> Dict[int, int]:
     """Split position -> image id (as ``image_id_to_int`` makes it), from the samples' JSON."""
-    split = _split(split_dir)
     return {i: _image_id(split, raw) for i, raw in _raw_at(split, positions)}
 
 
@@ -149,8 +147,9 @@ def report_images(split_dir: str, positions: Iterable[int], images_from: str = "
     ``images_from`` (a jpg shard folder) wins; else the evaluated shards when they are jpg shards.
     """
     positions = sorted(set(positions))
+    split = _split(split_dir)
     if images_from:
-        return images_by_id(images_from, image_ids(split_dir, positions))
-    if _split(split_dir).has("jpg"):
-        return images_by_position(split_dir, positions)
+        return images_by_id(images_from, image_ids(split, positions))
+    if split.has("jpg"):
+        return images_by_position(split, positions)
     return None
